@@ -1,0 +1,166 @@
+"""``wkv7``: the RWKV-7 WKV operator behind one seam, with fla's conventions (see README.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from arwkv.errors import ArwkvError
+from arwkv.ops.wkv7.chunked import wkv7_chunked
+from arwkv.ops.wkv7.conventions import DECAY_LOG_MIN
+from arwkv.ops.wkv7.fla import fla_available, wkv7_fla
+from arwkv.ops.wkv7.naive import wkv7_recurrent
+
+__all__ = [
+    "wkv7",
+    "wkv7_chunked",
+    "wkv7_recurrent",
+    "Wkv7InputError",
+    "CHUNK_SIZE_DEFAULT",
+    "MAX_CHUNK_EXPONENT",
+]
+
+BACKENDS = ("auto", "recurrent", "chunked", "fla")
+#: chunked backend's chunk size when none is given (fastest of 16/32/64 for N=64 on CPU: benchmarks/wkv.py)
+CHUNK_SIZE_DEFAULT = 16
+#: the chunked backend needs chunk_size * max(-w) <= this (its factors reach e^{±40} in fp32; README §3.3)
+MAX_CHUNK_EXPONENT = 40.0
+
+
+class Wkv7InputError(ArwkvError, ValueError):
+    """Arguments to ``wkv7`` have the wrong shape, dtype, range or combination."""
+
+
+def wkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RWKV-7 WKV: ``h_t = diag(e^{w_t}) h_{t-1} + k_t v_tᵀ + b_t (h_{t-1}ᵀ a_t)ᵀ``, ``o_t = scale·h_tᵀ r_t``.
+
+    Args:
+        r, w, k, a, b: ``[B, T, H, K]``; ``w`` is the log-decay (≤ 0; keep it fp32).
+        v: ``[B, T, H, V]``.
+        scale: output scale; RWKV-7 uses 1.0.
+        initial_state: ``[N, H, K, V]`` fp32 (fp64 with fp64 inputs), rows = key (fla layout); N = B, or the
+            number of sequences with ``cu_seqlens``.
+        output_final_state: also return the state after the last token of each sequence.
+        cu_seqlens: int ``[N + 1]`` offsets of packed sequences (B must be 1); the state restarts at each.
+        backend: "recurrent" (reference), "chunked" (pure PyTorch), "fla" (Triton, CUDA) or "auto"
+            (fla on CUDA when installed, else chunked).
+        chunk_size: chunk length of "chunked"/"fla"; None picks ``CHUNK_SIZE_DEFAULT`` for "chunked", shrunk
+            when the decay is so strong that ``chunk_size · max(-w) > MAX_CHUNK_EXPONENT``.
+
+    Returns:
+        ``(o, final_state)``: ``o`` ``[B, T, H, V]`` in v's dtype; ``final_state`` ``[N, H, K, V]`` or None.
+    """
+    _check_inputs(r, w, k, v, a, b, initial_state, cu_seqlens, backend, chunk_size)
+    w_min, w_max = torch.aminmax(w.detach())
+    w_min, w_max = float(w_min), float(w_max)
+    if not w_max <= 0:  # also catches NaN
+        raise Wkv7InputError(
+            f"w is the log-decay and must be <= 0 everywhere; got max {w_max} (convert with "
+            "arwkv.ops.wkv7.conventions, e.g. d_to_logdecay for raw pre-sigmoid decays)"
+        )
+    if backend == "auto":
+        backend = "fla" if r.is_cuda and fla_available() else "chunked"
+    args = (r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens)
+    if backend == "recurrent":
+        return wkv7_recurrent(*args)
+    if backend == "fla":
+        if not fla_available():
+            raise Wkv7InputError(
+                "backend='fla' needs CUDA tensors and flash-linear-attention installed "
+                "(pip install flash-linear-attention); use backend='chunked' on CPU"
+            )
+        return wkv7_fla(
+            *args, chunk_size=chunk_size, safe_lower_bound=DECAY_LOG_MIN if w_min >= DECAY_LOG_MIN else None
+        )
+    return wkv7_chunked(*args, chunk_size=_chunk_size_for(chunk_size, -w_min))
+
+
+def _chunk_size_for(chunk_size: int | None, max_neg_logdecay: float) -> int:
+    """Requested chunk size when its factorized exponents fit fp32; else the biggest power of 2 that fits."""
+    C = CHUNK_SIZE_DEFAULT if chunk_size is None else chunk_size
+    if C * max_neg_logdecay <= MAX_CHUNK_EXPONENT:
+        return C
+    if chunk_size is not None or max_neg_logdecay > MAX_CHUNK_EXPONENT:
+        limit = int(MAX_CHUNK_EXPONENT // max_neg_logdecay)
+        raise Wkv7InputError(
+            f"log-decay down to {-max_neg_logdecay:.4g} is too strong for chunk_size={C}: the chunked "
+            f"backend needs chunk_size * max(-w) <= {MAX_CHUNK_EXPONENT:g} (the fp32 range of its factorized "
+            "exponents). "
+            + (f"Use chunk_size <= {limit}, " if limit >= 1 else "")
+            + "clamp the decay (RWKV-7 keeps w >= -0.6065), or use backend='recurrent'."
+        )
+    return 1 << (int(MAX_CHUNK_EXPONENT // max_neg_logdecay).bit_length() - 1)
+
+
+def _check_inputs(r, w, k, v, a, b, initial_state, cu_seqlens, backend, chunk_size) -> int:
+    """Raise Wkv7InputError on inconsistent arguments; return the number of sequences N."""
+    if backend not in BACKENDS:
+        raise Wkv7InputError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    named = dict(r=r, w=w, k=k, v=v, a=a, b=b)
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            raise Wkv7InputError(
+                f"{name} must be a 4-D floating tensor [B, T, H, N]; got "
+                f"{getattr(x, 'shape', type(x).__name__)} {getattr(x, 'dtype', '')}"
+            )
+        if x.device != r.device:
+            raise Wkv7InputError(
+                f"all inputs must be on one device; r is on {r.device}, {name} on {x.device}"
+            )
+    B, T, H, K = r.shape
+    for name in ("w", "k", "a", "b"):
+        if named[name].shape != r.shape:
+            raise Wkv7InputError(
+                f"{name} has shape {tuple(named[name].shape)} but r has {tuple(r.shape)}; "
+                "r, w, k, a, b must all be [B, T, H, K]"
+            )
+    if v.shape[:3] != r.shape[:3]:
+        raise Wkv7InputError(f"v has shape {tuple(v.shape)}; it must be [B, T, H, V] = [{B}, {T}, {H}, V]")
+    if T == 0:
+        raise Wkv7InputError("empty input: T must be >= 1")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise Wkv7InputError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
+    n_seq = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise Wkv7InputError(
+                f"cu_seqlens needs packed inputs with batch size 1; got B={B} "
+                "(concatenate the sequences along T)"
+            )
+        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
+            raise Wkv7InputError("cu_seqlens must be a 1-D integer tensor of N+1 offsets [0, ..., T]")
+        offs = cu_seqlens.tolist()
+        if offs[0] != 0 or offs[-1] != T or any(x > y for x, y in zip(offs[:-1], offs[1:], strict=True)):
+            raise Wkv7InputError(f"cu_seqlens must rise from 0 to T={T}; got {offs[:4]}...{offs[-2:]}")
+        n_seq = len(offs) - 1
+    if initial_state is not None:
+        want = (n_seq, H, K, v.shape[-1])
+        if tuple(initial_state.shape) != want:
+            raise Wkv7InputError(
+                f"initial_state has shape {tuple(initial_state.shape)}; expected [N, H, K, V] = "
+                f"{list(want)} (fla layout, rows = key; BlinkDL [.., V, K] states need "
+                "conventions.state_blinkdl_to_fla)"
+            )
+        fp64 = any(x.dtype == torch.float64 for x in named.values())
+        ok = (torch.float32, torch.float64) if fp64 else (torch.float32,)
+        if initial_state.dtype not in ok:
+            raise Wkv7InputError(
+                f"initial_state must be float32 (the state is always accumulated in fp32); "
+                f"got {initial_state.dtype}"
+            )
+        if initial_state.device != r.device:
+            raise Wkv7InputError(f"initial_state is on {initial_state.device} but the inputs on {r.device}")
+    return n_seq
