@@ -44,7 +44,7 @@ __all__ = [
     "transformer_config",
     "make_transformer",
     "make_rwkv7",
-    "match_transformer_to",
+    "make_matched_rwkv7",
     "num_params",
     "TrainConfig",
     "train",
@@ -213,19 +213,23 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def match_transformer_to(target_params: int, group: PermutationGroup, **config_kwargs):
-    """The Transformer config whose MLP width makes its parameter count closest to ``target_params``."""
-    from transformers import LlamaForCausalLM
+def make_matched_rwkv7(group: PermutationGroup, target_params: int, mixer_options: dict | None = None, **kw):
+    """An RWKV-7 LM whose parameter count is closest to ``target_params`` (usually the Transformer's).
 
-    def count(inter: int) -> int:
-        with torch.device("meta"):
-            cfg = transformer_config(group, intermediate_size=inter, **config_kwargs)
-            return num_params(LlamaForCausalLM(cfg))
+    The time mix has more parameters than attention (LoRAs, decay, bonus, gate), so the RWKV-7 model gets a
+    narrower MLP; everything else (width, depth, heads, vocabulary) is the Transformer's.
+    Returns ``(model, llama_config_it_was_built_from)``.
+    """
+    mixer_options = mixer_options or {}
 
-    base, plus = count(8), count(16)
-    per_unit = (plus - base) / 8  # the MLP is linear in its width
+    def build(inter: int):
+        return make_rwkv7(transformer_config(group, intermediate_size=inter, **kw), **mixer_options)
+
+    base, plus = num_params(build(8)), num_params(build(16))
+    per_unit = (plus - base) / 8  # params are linear in the MLP width
     inter = max(8, round(8 + (target_params - base) / per_unit))
-    return transformer_config(group, intermediate_size=inter, **config_kwargs)
+    config = transformer_config(group, intermediate_size=inter, **kw)
+    return make_rwkv7(config, **mixer_options), config
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,231 @@
+"""State-tracking experiment (issue 5 item 3): Transformer vs RWKV-7 vs a distilled student on group words.
+
+For each group: (1) a tiny Llama Transformer trained from scratch, (2) an RWKV-7 LM of the same parameter
+count trained from scratch (the project's student, all layers RWKV-7, ``build_student(init="fresh")``), (3) an
+RWKV-7 student converted from the trained Transformer (``build_student(init="copy")``) and distilled on its
+logits.
+All are trained at one length and evaluated at that length and longer ones.
+
+    python benchmarks/state_tracking.py                     # full run, resumable (rerun the same command)
+    python benchmarks/state_tracking.py --groups S3 --steps 300 --out /tmp/st   # smoke run
+
+Writes ``<out>/results.json``, ``<out>/table.md``, ``<out>/accuracy_vs_length.png``; checkpoints in
+``<out>/ckpt``. A phase already in results.json is skipped; an interrupted phase resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from arwkv.eval import state_tracking as st
+
+PHASES = ("transformer", "rwkv7", "distilled")
+LABELS = {
+    "transformer": "Transformer (Llama)",
+    "rwkv7": "RWKV-7 (from scratch)",
+    "distilled": "RWKV-7 distilled from the Transformer",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--groups", default="S3,A5", help="comma-separated: S<n>, A<n>, Z<n>")
+    p.add_argument("--train-length", type=int, default=16)
+    p.add_argument("--eval-lengths", default="4,8,16,32,64,128")
+    p.add_argument("--steps", type=int, default=1500, help="training steps per model (Transformer, RWKV-7)")
+    p.add_argument("--distill-steps", type=int, default=None, help="default: --steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=16)
+    p.add_argument("--eval-sequences", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--out", default="results/state_tracking")
+    p.add_argument("--report-only", action="store_true", help="only rewrite table.md and the plot")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_phase(args, group: st.PermutationGroup, phase: str, out: Path, results: dict) -> dict:
+    """Train (or distil) one model, resuming from its checkpoint, then evaluate it at every length."""
+    ckpt = out / "ckpt" / f"{group.name}-{phase}.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    steps = args.steps if phase != "distilled" else (args.distill_steps or args.steps)
+    cfg = st.TrainConfig(
+        steps=steps, batch_size=args.batch_size, length=args.train_length, lr=args.lr, seed=args.seed
+    )
+    kw = dict(hidden_size=args.hidden_size, num_layers=args.layers, head_dim=args.head_dim)
+    torch.manual_seed(args.seed)
+    # the Transformer is the reference size; the from-scratch RWKV-7 is matched to it
+    transformer = st.make_transformer(st.transformer_config(group, **kw))
+    if phase == "transformer":
+        model, teacher = transformer, None
+    elif phase == "rwkv7":
+        model, _ = st.make_matched_rwkv7(group, st.num_params(transformer), **kw)
+        teacher = None
+    else:
+        teacher = transformer
+        teacher.load_state_dict(torch.load(out / "ckpt" / f"{group.name}-transformer.pt")["model"])
+        from arwkv.convert.build import build_student
+
+        model = build_student(teacher, init="copy")
+    state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    if state is not None:
+        log(f"{group.name}/{phase}: resuming at step {state['step']}")
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    prior_cpu = state.get("cpu_sec", 0.0) if state else 0.0
+
+    def save(s: dict) -> None:
+        s["cpu_sec"] = prior_cpu + time.process_time() - cpu0
+        torch.save(s, ckpt.with_suffix(".tmp"))
+        os.replace(ckpt.with_suffix(".tmp"), ckpt)  # atomic: an interrupt never leaves half a checkpoint
+
+    def on_log(rec: dict) -> None:
+        msg = f"step {rec['step']}/{steps} loss {rec['loss']:.4f} acc {rec['token_acc']:.3f}"
+        log(f"{group.name}/{phase} {msg}")
+
+    kwargs = dict(state=state, on_log=on_log, checkpoint=save, checkpoint_every=250)
+    if teacher is None:
+        history = st.train(model, group, cfg, **kwargs)
+    else:
+        history = st.distill(model, teacher, group, cfg, **kwargs)
+    train_cpu = prior_cpu + time.process_time() - cpu0
+    lengths = [int(x) for x in args.eval_lengths.split(",")]
+    t_eval = time.process_time()
+    ev = st.evaluate(model, group, lengths, num_sequences=args.eval_sequences)
+    rec = {
+        "params": st.num_params(model),
+        "steps": steps,
+        "train_cpu_sec": round(train_cpu, 1),
+        "eval_cpu_sec": round(time.process_time() - t_eval, 1),
+        "wall_sec": round(time.perf_counter() - wall0, 1),
+        "final_train_loss": history[-1]["loss"],
+        "history": history,
+        "eval": {str(k): v for k, v in ev.items()},
+    }
+    if phase == "distilled":  # the teacher's agreement ceiling at the training length
+        rec["teacher_params"] = st.num_params(teacher)
+    log(f"{group.name}/{phase}: " + ", ".join(f"T={k} tok {v['token_acc']:.3f}" for k, v in ev.items()))
+    return rec
+
+
+def write_table(results: dict, path: Path) -> None:
+    cfg = results["config"]
+    lengths = cfg["eval_lengths"]
+    lines = [
+        "# State tracking: group word problem (running product at every position)",
+        "",
+        f"Trained at length {cfg['train_length']} (lengths > {cfg['train_length']} are extrapolation); "
+        f"d_model {cfg['hidden_size']}, {cfg['layers']} layers, head size {cfg['head_dim']}, batch "
+        f"{cfg['batch_size']}, {cfg['steps']} steps (distillation {cfg['distill_steps']}), CPU, 1 thread; "
+        f"{cfg['eval_sequences']} fresh words per length. Chance = 1/|G|.",
+        "",
+    ]
+    for metric, title in (
+        ("token_acc", "Per-token accuracy (fraction of positions whose running product is right)"),
+        ("last_acc", "Final-product accuracy (right at the last position)"),
+        ("seq_acc", "Whole-sequence accuracy (right at every position)"),
+    ):
+        lines += [f"## {title}", ""]
+        lines.append(
+            "| group | model | params | train CPU min | " + " | ".join(f"T={t}" for t in lengths) + " |"
+        )
+        lines.append("| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in lengths) + " |")
+        for gname, phases in results["groups"].items():
+            for phase in PHASES:
+                if phase not in phases:
+                    continue
+                r = phases[phase]
+                cells = []
+                for t in lengths:
+                    v = r["eval"][str(t)][metric]
+                    cell = f"{v:.3f}"
+                    cells.append(f"**{cell}**" if t == cfg["train_length"] else cell)
+                lines.append(
+                    f"| {gname} | {LABELS[phase]} | {r['params']:,} | {r['train_cpu_sec'] / 60:.1f} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+        lines.append("")
+    lines.append(
+        f"Bold: the training length. Machine: {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}."
+    )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = results["config"]
+    groups = list(results["groups"])
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.6 * len(groups), 7), squeeze=False)
+    colors = {"transformer": "tab:blue", "rwkv7": "tab:red", "distilled": "tab:green"}
+    for col, gname in enumerate(groups):
+        order = st.get_group(gname).order
+        for row, (metric, ylabel) in enumerate(
+            (("token_acc", "per-token accuracy"), ("last_acc", "final-product accuracy"))
+        ):
+            ax = axes[row][col]
+            for phase, r in results["groups"][gname].items():
+                xs = sorted(int(t) for t in r["eval"])
+                ys = [r["eval"][str(t)][metric] for t in xs]
+                ax.plot(xs, ys, "o-", color=colors[phase], label=LABELS[phase])
+            ax.axvline(cfg["train_length"], color="gray", ls=":", lw=1)
+            ax.axhline(1 / order, color="gray", ls="--", lw=1)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{gname} (|G|={order})")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"Group word problem: trained at length {cfg['train_length']} (dotted), chance dashed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res_path = out / "results.json"
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "report_only")}
+    config["eval_lengths"] = [int(x) for x in args.eval_lengths.split(",")]
+    config["distill_steps"] = args.distill_steps or args.steps
+    results = json.loads(res_path.read_text()) if res_path.exists() else {"groups": {}}
+    results["config"] = config
+    if not args.report_only:
+        for gname in args.groups.split(","):
+            group = st.get_group(gname)
+            done = results["groups"].setdefault(group.name, {})
+            for phase in PHASES:
+                if phase in done:
+                    log(f"{group.name}/{phase}: done, skipping")
+                    continue
+                done[phase] = run_phase(args, group, phase, out, results)
+                res_path.write_text(json.dumps(results, indent=1))
+    write_table(results, out / "table.md")
+    plot(results, out / "accuracy_vs_length.png")
+    log(f"wrote {res_path}, {out / 'table.md'}, {out / 'accuracy_vs_length.png'}")
+
+
+if __name__ == "__main__":
+    main()
