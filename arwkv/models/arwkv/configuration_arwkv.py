@@ -1,0 +1,133 @@
+"""Configuration of the arwkv student: the teacher's config (a plain dict) plus the RWKV-7 mixer options.
+
+Ships inside every saved checkpoint as remote code, so it imports only transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+WKV_BACKENDS = ("auto", "chunked", "fla")
+LORA_KEYS = ("w", "a", "v", "g")
+
+# Teacher fields that generic transformers code (generate, tying, resizing) reads from the top-level config.
+MIRRORED_TEACHER_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+
+
+class ArwkvConfig(PreTrainedConfig):
+    """A teacher decoder whose attention layers are RWKV-7 time mixing, except `softmax_layers`.
+
+    Args:
+        teacher_config: the teacher's `config.to_dict()` (must contain `model_type`).
+        head_size: RWKV head size N; default the teacher's head_dim.
+        use_gate: low-rank output gate `g = sigmoid(x_g g1) g2`.
+        use_group_norm: per-head GroupNorm `ln_x` (eps 1e-5 * N) on the WKV output.
+        use_token_shift: mix each token with the previous one (`x_r ... x_g`); off = mu fixed at 0.
+        use_rope: apply the teacher's RoPE to r and k (teacher head layout).
+        use_qk_norm: per-head RMSNorm on r and k (`r_norm`, `k_norm`), carried over from Qwen3's q/k norms.
+        rkv_bias / output_bias: biases on receptance/key/value and on output (copied from Qwen2 / Llama).
+        lora_ranks: {"w","a","v","g"} -> rank; missing keys use the size-based default of RWKV-7.
+        softmax_layers: layer indices that keep the teacher's softmax attention (hybrid).
+        wkv_backend: "auto" (fla on CUDA when importable, else chunked), "chunked" or "fla".
+        wkv_chunk_size: chunk length of the pure-PyTorch WKV kernel.
+    """
+
+    model_type = "arwkv"
+    keys_to_ignore_at_inference = ["cache"]
+
+    def __init__(
+        self,
+        teacher_config: dict[str, Any] | None = None,
+        head_size: int | None = None,
+        use_gate: bool = True,
+        use_group_norm: bool = True,
+        use_token_shift: bool = True,
+        use_rope: bool = False,
+        use_qk_norm: bool = False,
+        rkv_bias: bool = False,
+        output_bias: bool = False,
+        lora_ranks: dict[str, int] | None = None,
+        softmax_layers: list[int] | None = None,
+        wkv_backend: str = "auto",
+        wkv_chunk_size: int = 16,
+        use_cache: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if hasattr(teacher_config, "to_dict"):
+            teacher_config = teacher_config.to_dict()
+        teacher_config = dict(teacher_config or {})
+        self.teacher_config = teacher_config
+        # Mirror the teacher's top-level fields unless given (e.g. tie_word_embeddings=False unties).
+        for key in MIRRORED_TEACHER_FIELDS:
+            if key not in kwargs and key in teacher_config:
+                kwargs[key] = teacher_config[key]
+        self.head_size = head_size
+        self.use_gate = use_gate
+        self.use_group_norm = use_group_norm
+        self.use_token_shift = use_token_shift
+        self.use_rope = use_rope
+        self.use_qk_norm = use_qk_norm
+        self.rkv_bias = rkv_bias
+        self.output_bias = output_bias
+        self.lora_ranks = dict(lora_ranks or {})
+        self.softmax_layers = sorted(int(i) for i in (softmax_layers or []))
+        self.wkv_backend = wkv_backend
+        self.wkv_chunk_size = wkv_chunk_size
+        super().__init__(**kwargs)
+        self.use_cache = use_cache  # set after the base class, which drops generation-time keys
+        self._validate_options()
+
+    def _validate_options(self) -> None:
+        if not self.teacher_config:
+            return  # an empty config (e.g. built by AutoConfig before from_dict fills it)
+        if "model_type" not in self.teacher_config:
+            raise ValueError("ArwkvConfig.teacher_config needs the teacher's 'model_type'.")
+        if self.wkv_backend not in WKV_BACKENDS:
+            raise ValueError(f"wkv_backend must be one of {WKV_BACKENDS}, got {self.wkv_backend!r}.")
+        unknown = set(self.lora_ranks) - set(LORA_KEYS)
+        if unknown:
+            raise ValueError(f"lora_ranks keys must be among {LORA_KEYS}, got {sorted(unknown)}.")
+        n = self.teacher_config.get("num_hidden_layers")
+        bad = [i for i in self.softmax_layers if n is not None and not 0 <= i < n]
+        if bad:
+            raise ValueError(f"softmax_layers {bad} are outside the teacher's {n} layers.")
+        dim = self.mixer_dim
+        if dim % self.wkv_head_size != 0:
+            raise ValueError(f"head_size {self.wkv_head_size} must divide the mixer width {dim}.")
+
+    @property
+    def teacher_head_dim(self) -> int:
+        t = self.teacher_config
+        return t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+
+    @property
+    def mixer_dim(self) -> int:
+        """Width D of r/k/v in a mixer: the teacher's num_attention_heads * head_dim (mostly hidden_size)."""
+        return self.teacher_config["num_attention_heads"] * self.teacher_head_dim
+
+    @property
+    def wkv_head_size(self) -> int:
+        return self.head_size or self.teacher_head_dim
+
+    @property
+    def rwkv_layers(self) -> list[int]:
+        return [i for i in range(self.teacher_config["num_hidden_layers"]) if i not in self.softmax_layers]
+
+
+__all__ = ["ArwkvConfig"]

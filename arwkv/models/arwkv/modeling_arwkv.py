@@ -1,0 +1,921 @@
+"""The arwkv student: a Hugging Face decoder whose attention layers are RWKV-7 time mixing.
+
+Everything except self-attention is the teacher's own module types (embeddings, RMSNorms, MLPs, final norm,
+lm_head, pre-norm residual wiring); layers listed in `config.softmax_layers` keep the teacher's attention.
+Read top to bottom: the WKV kernel (copied from `arwkv/ops/wkv7/chunked.py`), the kernel seam `wkv7`, the
+token shift, `ArwkvTimeMix` (method.md §2), the decoder layer, the inference cache, model, causal LM.
+
+This file ships inside every saved checkpoint as remote code: it imports only torch and transformers
+(fla optionally, on CUDA).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CONFIG_MAPPING, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_arwkv import ArwkvConfig
+
+# log w = -e^{-1/2} * sigmoid(d): decays in (0.545, 1), rwkv7-operator.md §1.2 (convention C, fla's)
+DECAY_SCALE = -math.exp(-0.5)
+
+# Teacher families whose module classes this file instantiates: model_type -> class prefix in transformers.
+TEACHER_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# WKV-7 kernel. The block between the markers is a verbatim copy of arwkv/ops/wkv7/chunked.py, kept in sync by
+# tools/check_copies.py. fla conventions: r, k, a, b [B, T, H, K]; v [B, T, H, V]; w = log-decay <= 0;
+# state [B, H, K, V] fp32 (rows = key): S_t = diag(w_t) S_{t-1} + k_t v_tᵀ + b_t (S_{t-1}ᵀ a_t)ᵀ,
+# o_t = S_tᵀ r_t.
+
+
+# <wkv7-chunked>
+def wkv7_chunked(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stand-in with the chunked kernel's signature: the plain token-by-token recurrence in fp32.
+
+    Replaced by the chunked kernel when it lands in arwkv/ops/wkv7/chunked.py (`chunk_size` is unused here).
+    """
+    if cu_seqlens is not None:
+        if r.shape[0] != 1:
+            raise ValueError("cu_seqlens needs batch size 1 (sequences packed along time).")
+        bounds = cu_seqlens.tolist()
+        outs, finals = [], []
+        for n in range(len(bounds) - 1):
+            s, e = bounds[n], bounds[n + 1]
+            h0 = None if initial_state is None else initial_state[n : n + 1]
+            o, h = wkv7_chunked(
+                r[:, s:e], w[:, s:e], k[:, s:e], v[:, s:e], a[:, s:e], b[:, s:e], scale, h0, True, None
+            )
+            outs.append(o)
+            finals.append(h)
+        return torch.cat(outs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)
+
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    if initial_state is None:
+        h = torch.zeros(B, H, K, V, dtype=torch.float32, device=k.device)
+    else:
+        h = initial_state.float()
+    r32, k32, v32, a32, b32 = (t.float() for t in (r, k, v, a, b))
+    decay = w.float().exp()
+    outs = []
+    for t in range(T):
+        u = torch.einsum("bhkv,bhk->bhv", h, a32[:, t])  # S_{t-1}ᵀ a_t, before this token's decay
+        h = (
+            h * decay[:, t, :, :, None]
+            + k32[:, t, :, :, None] * v32[:, t, :, None, :]
+            + b32[:, t, :, :, None] * u[:, :, None, :]
+        )
+        outs.append(torch.einsum("bhkv,bhk->bhv", h, r32[:, t]) * scale)
+    o = torch.stack(outs, dim=1) if outs else v32.new_zeros(B, 0, H, V)
+    return o.to(v.dtype), (h if output_final_state else None)
+
+
+# </wkv7-chunked>
+
+
+def wkv7_step(r, w, k, v, a, b, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the recurrence (decode fast path); inputs [B, 1, H, K], state [B, H, K, V] fp32."""
+    r, w, k, v, a, b = (t[:, 0].float() for t in (r, w, k, v, a, b))
+    u = torch.einsum("bhkv,bhk->bhv", state, a)
+    state = state * w.exp()[..., None] + k[..., None] * v[..., None, :] + b[..., None] * u[..., None, :]
+    return torch.einsum("bhkv,bhk->bhv", state, r)[:, None], state
+
+
+def _fla_kernels():
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+    except ImportError:
+        return None
+    return chunk_rwkv7, fused_recurrent_rwkv7
+
+
+def wkv7(r, w, k, v, a, b, initial_state, cu_seqlens, backend: str, chunk_size: int):
+    """The one place a WKV kernel is chosen. Returns (o [B, T, H, V] in v's dtype, final state fp32)."""
+    fla = _fla_kernels() if backend == "fla" or (backend == "auto" and r.is_cuda) else None
+    if backend == "fla" and fla is None:
+        raise ImportError(
+            "wkv_backend='fla' needs flash-linear-attention (pip install flash-linear-attention)."
+        )
+    if fla is not None:
+        kernel = fla[1] if r.shape[1] == 1 else fla[0]
+        o, state = kernel(
+            r=r,
+            w=w,
+            k=k,
+            v=v,
+            a=a,
+            b=b,
+            scale=1.0,
+            initial_state=initial_state,
+            output_final_state=True,
+            cu_seqlens=cu_seqlens,
+        )
+        return o.to(v.dtype), state
+    if r.shape[1] == 1 and cu_seqlens is None:
+        if initial_state is None:
+            initial_state = torch.zeros(*k.shape[::2], k.shape[-1], v.shape[-1], device=k.device)
+        o, state = wkv7_step(r, w, k, v, a, b, initial_state.float())
+        return o.to(v.dtype), state
+    return wkv7_chunked(
+        r,
+        w,
+        k,
+        v,
+        a,
+        b,
+        scale=1.0,
+        initial_state=initial_state,
+        output_final_state=True,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
+    )
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Teacher modules
+
+
+def teacher_config_from_dict(teacher_config: dict[str, Any]) -> PreTrainedConfig:
+    """The teacher's config object from its `to_dict()`."""
+    model_type = teacher_config.get("model_type")
+    if model_type not in TEACHER_FAMILIES:
+        raise ValueError(
+            f"Teacher model_type {model_type!r} is not supported; supported: {sorted(TEACHER_FAMILIES)}. "
+            "A new family needs a pre-norm decoder with q/k/v/o projections and an entry in TEACHER_FAMILIES."
+        )
+    return CONFIG_MAPPING[model_type].from_dict(teacher_config)
+
+
+def teacher_modules(model_type: str) -> SimpleNamespace:
+    """The teacher family's own RMSNorm, MLP, attention and rotary classes, looked up in transformers."""
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    prefix = TEACHER_FAMILIES[model_type]
+    return SimpleNamespace(
+        **{
+            name: getattr(module, prefix + suffix)
+            for name, suffix in (
+                ("norm", "RMSNorm"),
+                ("mlp", "MLP"),
+                ("attention", "Attention"),
+                ("rotary", "RotaryEmbedding"),
+            )
+        }
+    )
+
+
+def default_lora_ranks(hidden_size: int) -> dict[str, int]:
+    """Size-based LoRA ranks of current RWKV-7 (rwkv7-operator.md §2.2): max(32, round(f·√C / 32)·32)."""
+    size = lambda f: max(32, round(f * math.sqrt(hidden_size) / 32) * 32)
+    return {"w": size(2.5), "a": size(2.5), "v": size(1.7), "g": size(5.0)}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Token shift
+
+
+def token_shift(
+    x: torch.Tensor, prev: torch.Tensor | None, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The previous token's x at every position, and the new carried state (x of the last real token).
+
+    prev: carried state [B, C] (one row per sequence with cu_seqlens), None = zeros.
+    mask: [B, T] bool, False = padding; padded tokens are skipped (a token sees the last real one before it).
+    cu_seqlens: packed sequences (B = 1); each starts from its own row of `prev`.
+    """
+    B, T, C = x.shape
+    rows = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    prev = x.new_zeros(rows, C) if prev is None else prev.to(x.dtype)
+    if cu_seqlens is not None:
+        starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
+        nonempty = ends > starts
+        shifted = torch.cat([x.new_zeros(1, 1, C), x[:, :-1]], dim=1)
+        shifted[0, starts[nonempty]] = prev[nonempty]
+        last = x[0, (ends - 1).clamp(min=0)]
+        return shifted, torch.where(nonempty[:, None], last, prev)
+    if mask is None:
+        return torch.cat([prev[:, None], x[:, :-1]], dim=1), x[:, -1]
+    positions = torch.arange(T, device=x.device).expand(B, T)
+    last_real = torch.where(mask, positions, -1).cummax(dim=1).values  # last real index <= t
+    before = torch.cat([last_real.new_full((B, 1), -1), last_real[:, :-1]], dim=1)  # last real index < t
+    padded = torch.cat([prev[:, None], x], dim=1)  # index i + 1 holds x_i, index 0 the carried state
+    shifted = padded.gather(1, (before + 1)[..., None].expand(B, T, C))
+    return shifted, padded[torch.arange(B, device=x.device), last_real[:, -1] + 1]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _guarded(t: torch.Tensor) -> bool:
+    # transformers marks tensors loaded from a checkpoint; initialization must not overwrite them
+    return getattr(t, "_is_hf_initialized", False)
+
+
+def _init_copy(t: torch.Tensor, value: torch.Tensor | float) -> None:
+    if not _guarded(t):
+        with torch.no_grad():
+            t.copy_(value if isinstance(value, torch.Tensor) else torch.full_like(t, value))
+
+
+def _init_orthogonal(t: torch.Tensor, gain: float) -> None:
+    if not _guarded(t):
+        with torch.no_grad():
+            if gain == 0:
+                t.zero_()
+            else:
+                nn.init.orthogonal_(t, gain=gain)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# RWKV-7 time mixing
+
+
+class ArwkvTimeMix(nn.Module):
+    """RWKV-7 time mixing in place of a teacher's self-attention (method.md §2, rwkv7-operator.md §2.1).
+
+    Input x is the layer's `input_layernorm` output [B, T, C]; r/k/v have width D = teacher heads × head_dim,
+    split into H = D / N WKV heads of size N. Parameter names follow the published ARWKV checkpoints.
+    """
+
+    def __init__(self, config: ArwkvConfig, layer_idx: int, norm_class: type[nn.Module] | None = None):
+        super().__init__()
+        C, D, N = config.hidden_size, config.mixer_dim, config.wkv_head_size
+        self.layer_idx, self.num_layers = layer_idx, config.num_hidden_layers
+        self.hidden_size, self.dim, self.head_size, self.num_heads = C, D, N, D // N
+        self.teacher_head_dim = config.teacher_head_dim
+        self.is_first = layer_idx == config.rwkv_layers[0]  # stores v_first for the value residual
+        self.use_token_shift, self.use_rope = config.use_token_shift, config.use_rope
+        self.backend, self.chunk_size = config.wkv_backend, config.wkv_chunk_size
+        ranks = {**default_lora_ranks(C), **config.lora_ranks}
+
+        if self.use_token_shift:
+            for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
+                setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
+        self.w0 = nn.Parameter(torch.zeros(1, 1, D))
+        self.w1 = nn.Parameter(torch.zeros(C, ranks["w"]))
+        self.w2 = nn.Parameter(torch.zeros(ranks["w"], D))
+        self.a0 = nn.Parameter(torch.zeros(1, 1, D))
+        self.a1 = nn.Parameter(torch.zeros(C, ranks["a"]))
+        self.a2 = nn.Parameter(torch.zeros(ranks["a"], D))
+        # kept in the first layer too (unused there), as in the published checkpoints
+        self.v0 = nn.Parameter(torch.zeros(1, 1, D))
+        self.v1 = nn.Parameter(torch.zeros(C, ranks["v"]))
+        self.v2 = nn.Parameter(torch.zeros(ranks["v"], D))
+        if config.use_gate:
+            self.g1 = nn.Parameter(torch.zeros(C, ranks["g"]))
+            self.g2 = nn.Parameter(torch.zeros(ranks["g"], D))
+        self.k_k = nn.Parameter(torch.zeros(1, 1, D))
+        self.k_a = nn.Parameter(torch.zeros(1, 1, D))
+        self.r_k = nn.Parameter(torch.zeros(self.num_heads, N))
+
+        self.receptance = nn.Linear(C, D, bias=config.rkv_bias)
+        self.key = nn.Linear(C, D, bias=config.rkv_bias)
+        self.value = nn.Linear(C, D, bias=config.rkv_bias)
+        self.output = nn.Linear(D, C, bias=config.output_bias)
+        # "!!! notice eps value !!!" in BlinkDL's code: 1e-5 · head size
+        self.ln_x = nn.GroupNorm(self.num_heads, D, eps=1e-5 * N) if config.use_group_norm else None
+        if config.use_qk_norm:
+            if norm_class is None:
+                raise ValueError("use_qk_norm needs the teacher's RMSNorm class.")
+            eps = config.rms_norm_eps
+            self.r_norm = norm_class(self.teacher_head_dim, eps=eps)
+            self.k_norm = norm_class(self.teacher_head_dim, eps=eps)
+        else:
+            self.r_norm = self.k_norm = None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """BlinkDL's RWKV-7 init (rwkv7-operator.md §2.3); tensors loaded from a checkpoint are kept."""
+        C, D, N, l, L = self.hidden_size, self.dim, self.head_size, self.layer_idx, self.num_layers
+        r01 = l / (L - 1) if L > 1 else 0.0
+        r10 = 1.0 - l / L
+        ddd = torch.arange(C, dtype=torch.float32) / C
+        if self.use_token_shift:
+            for name, p in (
+                ("x_r", 0.2),
+                ("x_w", 0.9),
+                ("x_k", 0.7),
+                ("x_v", 0.7),
+                ("x_a", 0.9),
+                ("x_g", 0.2),
+            ):
+                _init_copy(getattr(self, name), (1.0 - ddd.pow(p * r10)).view(1, 1, C))
+        n = torch.arange(D, dtype=torch.float32)
+        lin = n / max(D - 1, 1) - 0.5
+        z = ((n % N) - (N - 1) / 2) / max((N - 1) / 2, 1e-6)
+        zig = z * z.abs()
+        www = -6 + 6 * (n / max(D - 1, 1)).pow(1 + r01**0.3)
+        _init_copy(self.w0, (www + 0.5 + 2.5 * zig).view(1, 1, D))
+        _init_copy(self.a0, (-0.19 + 0.3 * zig + 0.4 * lin).view(1, 1, D))
+        _init_copy(self.v0, (0.73 - 0.4 * lin).view(1, 1, D))
+        _init_copy(self.k_k, (0.71 - 0.1 * lin).view(1, 1, D))
+        _init_copy(self.k_a, 1.02)
+        _init_copy(self.r_k, -0.04)
+        for first, second in (("w1", "w2"), ("a1", "a2"), ("v1", "v2"), ("g1", "g2")):
+            if hasattr(self, first):
+                _init_copy(getattr(self, first), 0.0)
+                _init_orthogonal(getattr(self, second), 0.1)
+        _init_orthogonal(self.receptance.weight, 1.0)
+        _init_orthogonal(self.key.weight, 0.1)
+        _init_orthogonal(self.value.weight, 1.0)
+        _init_orthogonal(self.output.weight, 0.0)
+        for lin_layer in (self.receptance, self.key, self.value, self.output):
+            if lin_layer.bias is not None:
+                _init_copy(lin_layer.bias, 0.0)
+        if self.ln_x is not None:
+            _init_copy(self.ln_x.weight, ((1 + l) / L) ** 0.7)
+            _init_copy(self.ln_x.bias, 0.0)
+        for norm in (self.r_norm, self.k_norm):
+            if norm is not None:
+                _init_copy(norm.weight, 1.0)
+
+    def _per_teacher_head(self, fn, x: torch.Tensor) -> torch.Tensor:
+        # q/k norms and RoPE act on the teacher's head layout, whatever the WKV head size
+        return fn(x.view(*x.shape[:-1], -1, self.teacher_head_dim)).flatten(-2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        v_first: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        layer_state: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, torch.Tensor]]:
+        """Mix [B, T, C] -> [B, T, C].
+
+        v_first: the first RWKV layer's values [B, T, D] (None in that layer, required in the others).
+        attention_mask: [B, T], 1 = token, 0 = padding (padding leaves the state and the shift untouched).
+        layer_state: (shift [B, C], wkv [B, H, N, N] fp32) carried from earlier tokens; None = fresh.
+        cu_seqlens: int64 [S + 1] offsets of packed sequences (B = 1); states then have S rows.
+        position_embeddings: the teacher's (cos, sin), needed when use_rope.
+        Returns (output, v_first, (shift, wkv)) — gradients flow through v_first (not detached).
+        """
+        x = hidden_states
+        B, T, _ = x.shape
+        H, N = self.num_heads, self.head_size
+        shift_state, wkv_state = layer_state if layer_state is not None else (None, None)
+        mask = attention_mask.bool() if attention_mask is not None else None
+
+        if self.use_token_shift:
+            prev, new_shift = token_shift(x, shift_state, mask, cu_seqlens)
+            xx = prev - x
+            xr, xw, xk, xv, xa, xg = (
+                x + xx * mu for mu in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
+            )
+        else:
+            new_shift = None
+            xr = xw = xk = xv = xa = xg = x
+
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
+        if self.r_norm is not None:
+            r, k = self._per_teacher_head(self.r_norm, r), self._per_teacher_head(self.k_norm, k)
+        if self.use_rope:
+            cos, sin = (t.unsqueeze(-2) for t in position_embeddings)
+            rope = lambda t: t * cos + rotate_half(t) * sin
+            r, k = self._per_teacher_head(rope, r), self._per_teacher_head(rope, k)
+        # decay in fp32 log space: near-1 decays would round to 1 in bf16 (rwkv7-operator.md §5.3)
+        log_w = DECAY_SCALE * torch.sigmoid(
+            self.w0.float() + torch.tanh(xw.float() @ self.w1.float()) @ self.w2.float()
+        )
+        if self.is_first:
+            v_first = v
+        elif v_first is None:
+            raise ValueError(f"layer {self.layer_idx}: v_first from the first RWKV layer is required.")
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        eta = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1)  # removal key κ̂
+        k = k * (1 + (eta - 1) * self.k_a)  # replacement key k̃
+
+        k_in, v_in, b_in = k, v, kk * eta.view(B, T, H, N)
+        if mask is not None:  # padded tokens: no decay, no write, no removal
+            keep = mask[..., None]
+            k_in, v_in, log_w = k * keep, v * keep, log_w * keep
+            b_in = b_in * keep[..., None]
+        o, new_wkv = wkv7(
+            r.view(B, T, H, N),
+            log_w.view(B, T, H, N),
+            k_in.view(B, T, H, N),
+            v_in.view(B, T, H, N),
+            -kk,
+            b_in,
+            wkv_state,
+            cu_seqlens,
+            self.backend,
+            self.chunk_size,
+        )
+        o = o.reshape(B, T, -1)
+        if self.ln_x is not None:
+            o = self.ln_x(o.reshape(B * T, -1)).view(B, T, -1)
+        bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(-1, keepdim=True) * v.view(
+            B, T, H, N
+        )
+        o = o + bonus.reshape(B, T, -1)
+        if hasattr(self, "g1"):
+            o = o * (torch.sigmoid(xg @ self.g1) @ self.g2)
+        return self.output(o), v_first, (new_shift, new_wkv)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Decoder layer
+
+
+class ArwkvDecoderLayer(GradientCheckpointingLayer):
+    """The teacher's pre-norm block: h += mixer(input_layernorm(h)); h += mlp(post_attention_layernorm(h))."""
+
+    def __init__(
+        self, config: ArwkvConfig, teacher_config: PreTrainedConfig, layer_idx: int, modules: SimpleNamespace
+    ):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_rwkv = layer_idx not in config.softmax_layers
+        self.input_layernorm = modules.norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = modules.norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = modules.mlp(teacher_config)
+        if self.is_rwkv:
+            self.self_attn = ArwkvTimeMix(config, layer_idx, modules.norm)
+        else:
+            self.self_attn = modules.attention(teacher_config, layer_idx)
+        layer_types = getattr(teacher_config, "layer_types", None)
+        if layer_types is not None:
+            self.attention_type = layer_types[layer_idx]
+        else:  # Mistral: one sliding window for every layer
+            sliding = getattr(teacher_config, "sliding_window", None) is not None
+            self.attention_type = "sliding_attention" if sliding else "full_attention"
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        v_first: torch.Tensor | None = None,
+        rwkv_mask: torch.Tensor | None = None,
+        softmax_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: ArwkvCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        last_segment: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        residual = hidden_states
+        x = self.input_layernorm(hidden_states)
+        if self.is_rwkv:
+            B, T, C = x.shape
+            layer_state = cache.layers[self.layer_idx].get_state() if cache is not None else None
+            if cu_seqlens is not None:  # packed documents: one row, one sequence per document
+                x = x.reshape(1, B * T, C)
+                if position_embeddings is not None:
+                    position_embeddings = tuple(
+                        t.expand(B, T, -1).reshape(1, B * T, -1) for t in position_embeddings
+                    )
+            out, v_first, (shift, wkv) = self.self_attn(
+                x, v_first, rwkv_mask, layer_state, cu_seqlens, position_embeddings
+            )
+            out = out.view(B, T, C)
+            if cache is not None:
+                if last_segment is not None:  # the state a row carries on is its last document's
+                    shift = shift[last_segment] if shift is not None else None
+                    wkv = wkv[last_segment]
+                cache.layers[self.layer_idx].set_state(shift, wkv)
+        else:
+            out, _ = self.self_attn(
+                hidden_states=x,
+                position_embeddings=position_embeddings,
+                attention_mask=softmax_mask,
+                position_ids=position_ids,
+                cache=cache,
+                **kwargs,
+            )
+        hidden_states = residual + out
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, v_first
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Inference state
+
+
+class ArwkvStateLayer:
+    """One RWKV layer's state: token-shift vector [B, C] (model dtype) and WKV state [B, H, N, N] fp32."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self) -> None:
+        self.shift: torch.Tensor | None = None
+        self.wkv: torch.Tensor | None = None
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.wkv is not None
+
+    def get_state(self) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        return (self.shift, self.wkv) if self.wkv is not None else None
+
+    def set_state(self, shift: torch.Tensor | None, wkv: torch.Tensor) -> None:
+        self.shift, self.wkv = shift, wkv
+
+    def _apply(self, fn) -> None:
+        self.shift = fn(self.shift) if self.shift is not None else None
+        self.wkv = fn(self.wkv) if self.wkv is not None else None
+
+    def reset(self) -> None:
+        self.shift = self.wkv = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("An RWKV state cannot be rolled back (assisted decoding is not supported).")
+
+    def offload(self) -> None: ...
+
+    def prefetch(self) -> None: ...
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class ArwkvCache(Cache):
+    """Generation state: an `ArwkvStateLayer` per RWKV layer, a transformers `DynamicLayer` per softmax layer.
+
+    It counts the tokens it has seen, so `generate()` treats it like a `DynamicCache`: to continue a
+    conversation pass the full token ids (and attention mask); only the unseen tail is fed.
+    `save(path)` / `ArwkvCache.load(path)` store it as safetensors.
+    """
+
+    def __init__(
+        self, config: ArwkvConfig | None = None, *, num_layers: int | None = None, softmax_layers=()
+    ):
+        if config is not None:
+            num_layers, softmax_layers = config.num_hidden_layers, config.softmax_layers
+        self.softmax_layers = sorted(int(i) for i in softmax_layers)
+        layers = [
+            DynamicLayer() if i in self.softmax_layers else ArwkvStateLayer() for i in range(num_layers)
+        ]
+        super().__init__(layers=layers)
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # Reported False on purpose: generate() slices already-seen prompt tokens only for caches that are not
+        # all-linear, and this cache knows its length, so continuing a conversation works like DynamicCache.
+        return [False] * len(self.layers)
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+    def save(self, path: str) -> None:
+        """Write the state to a safetensors file (tensors moved to CPU)."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, ArwkvStateLayer):
+                if layer.wkv is not None:
+                    tensors[f"layers.{i}.wkv"] = layer.wkv
+                if layer.shift is not None:
+                    tensors[f"layers.{i}.shift"] = layer.shift
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+                tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = layer.keys, layer.values
+        metadata = {
+            "format": "arwkv-cache-v1",
+            "seen_tokens": str(self.seen_tokens),
+            "num_layers": str(len(self.layers)),
+            "softmax_layers": json.dumps(self.softmax_layers),
+        }
+        save_file(
+            {k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(path), metadata=metadata
+        )
+
+    @classmethod
+    def load(cls, path: str, device: str | torch.device | None = None) -> ArwkvCache:
+        """Read a state written by `save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != "arwkv-cache-v1":
+            raise ValueError(f"{path} is not an arwkv cache file (format {meta.get('format')!r}).")
+        cache = cls(num_layers=int(meta["num_layers"]), softmax_layers=json.loads(meta["softmax_layers"]))
+        cache.seen_tokens = int(meta["seen_tokens"])
+        move = lambda t: t.to(device) if device is not None else t
+        for i, layer in enumerate(cache.layers):
+            if isinstance(layer, ArwkvStateLayer):
+                shift = tensors.get(f"layers.{i}.shift")
+                if f"layers.{i}.wkv" in tensors:
+                    layer.set_state(
+                        move(shift) if shift is not None else None, move(tensors[f"layers.{i}.wkv"])
+                    )
+            elif f"layers.{i}.keys" in tensors:
+                layer.update(move(tensors[f"layers.{i}.keys"]), move(tensors[f"layers.{i}.values"]))
+        return cache
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Model
+
+
+def packed_sequences(position_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Documents packed in rows, by transformers' rule: a position step other than +1 starts a new document.
+
+    Returns (cu_seqlens over the flattened [B * T] tokens, index of each row's last document), or (None, None)
+    when every row holds one document.
+    """
+    B, T = position_ids.shape
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = (position_ids[:, 1:] - position_ids[:, :-1]) != 1
+    if int(starts.sum()) == B:
+        return None, None
+    offsets = starts.flatten().nonzero().squeeze(-1)
+    cu_seqlens = torch.cat([offsets, offsets.new_tensor([B * T])])
+    return cu_seqlens, starts.sum(dim=1).cumsum(0) - 1
+
+
+class ArwkvPreTrainedModel(PreTrainedModel):
+    config_class = ArwkvConfig
+    config: ArwkvConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ArwkvDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ArwkvTimeMix):  # children (its Linear layers) are initialized before the parent
+            module.reset_parameters()
+
+
+class ArwkvModel(ArwkvPreTrainedModel):
+    def __init__(self, config: ArwkvConfig):
+        super().__init__(config)
+        # The teacher's config object drives the teacher's own modules; not a sub-config, so that
+        # config.json keeps it as a plain dict.
+        self.teacher_cfg = teacher_config_from_dict(config.teacher_config)
+        self.teacher_cfg._attn_implementation = config._attn_implementation
+        modules = teacher_modules(self.teacher_cfg.model_type)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [ArwkvDecoderLayer(config, self.teacher_cfg, i, modules) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = modules.norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = modules.rotary(config=self.teacher_cfg)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _softmax_masks(self, inputs_embeds, attention_mask, cache, position_ids) -> dict[str, Any]:
+        """The teacher's 4D masks for kept softmax layers, one per attention type (full / sliding window)."""
+        if not self.config.softmax_layers:
+            return {}
+        self.teacher_cfg._attn_implementation = self.config._attn_implementation
+        kwargs = dict(
+            config=self.teacher_cfg,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            layer_idx=self.config.softmax_layers[0],
+        )
+        kinds = {self.layers[i].attention_type for i in self.config.softmax_layers}
+        masks = {"full_attention": create_causal_mask(**kwargs)} if "full_attention" in kinds else {}
+        if "sliding_attention" in kinds:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return masks
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: ArwkvCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        incoming_cache = cache
+        use_cache = cache is not None or (use_cache if use_cache is not None else self.config.use_cache)
+        if use_cache and cache is None:
+            cache = ArwkvCache(self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0)
+
+        # RWKV layers read the padding of the current tokens: the last T columns of the (past + T) mask
+        rwkv_mask = None
+        if (
+            attention_mask is not None
+            and attention_mask.dim() == 2
+            and not bool(attention_mask[:, -T:].all())
+        ):
+            rwkv_mask = attention_mask[:, -T:].bool()
+        # Packed documents (no mask, no earlier state), as transformers detects them for attention masks
+        cu_seqlens = last_segment = None
+        if attention_mask is None and incoming_cache is None and T > 1:
+            cu_seqlens, last_segment = packed_sequences(position_ids.expand(B, -1))
+        masks = self._softmax_masks(inputs_embeds, attention_mask, incoming_cache, position_ids)
+        needs_rope = bool(self.config.softmax_layers) or self.config.use_rope
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if needs_rope else None
+
+        hidden_states, v_first = inputs_embeds, None
+        all_hidden_states = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, v_first = layer(
+                hidden_states,
+                v_first,
+                rwkv_mask=rwkv_mask,
+                softmax_mask=masks.get(layer.attention_type),
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                cache=cache,
+                cu_seqlens=cu_seqlens,
+                last_segment=last_segment,
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if cache is not None:
+            cache.seen_tokens += T
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+
+    def mixer_outputs(
+        self,
+        layer_inputs: dict[int, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Teacher-forced mixers (stage 1): run each RWKV layer's `self_attn` on the given normalized inputs.
+
+        layer_inputs: RWKV layer index -> that layer's `input_layernorm` output [B, T, C] from the teacher;
+        must include the first RWKV layer (it provides v_first, with gradient). Returns index -> mixer output.
+        """
+        first = self.config.rwkv_layers[0]
+        if first not in layer_inputs:
+            raise ValueError(
+                f"layer_inputs must include the first RWKV layer ({first}) for the value residual."
+            )
+        B, T, C = layer_inputs[first].shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=layer_inputs[first].device).unsqueeze(0)
+        cu_seqlens = None
+        if attention_mask is None:
+            cu_seqlens, _ = packed_sequences(position_ids.expand(B, -1))
+        pe = self.rotary_emb(layer_inputs[first], position_ids) if self.config.use_rope else None
+        if cu_seqlens is not None and pe is not None:
+            pe = tuple(t.expand(B, T, -1).reshape(1, B * T, -1) for t in pe)
+        mask = attention_mask.bool() if attention_mask is not None else None
+        outputs, v_first = {}, None
+        for i in sorted(layer_inputs):
+            x = layer_inputs[i] if cu_seqlens is None else layer_inputs[i].reshape(1, B * T, C)
+            out, v_first, _ = self.layers[i].self_attn(x, v_first, mask, None, cu_seqlens, pe)
+            outputs[i] = out.view(B, T, C)
+        return outputs
+
+
+class ArwkvForCausalLM(ArwkvPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ArwkvConfig):
+        super().__init__(config)
+        self.model = ArwkvModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: ArwkvCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: ArwkvCache | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Causal LM forward. `cache` (alias `past_key_values`) is an `ArwkvCache`, created when use_cache."""
+        kwargs.pop("output_attentions", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
+        out = CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    # --- generation: the model brings its own cache (transformers would build a DynamicCache otherwise) ---
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            model_kwargs["cache"] = ArwkvCache(self.config)  # needed before prefill for chunked prefill
+            return None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    # --- conveniences ---
+
+    def mixer_outputs(self, layer_inputs: dict[int, torch.Tensor], attention_mask=None, position_ids=None):
+        """See `ArwkvModel.mixer_outputs` (stage-1 teacher forcing)."""
+        return self.model.mixer_outputs(layer_inputs, attention_mask, position_ids)
+
+    def untie_embeddings(self) -> None:
+        """Give lm_head its own copy of the embedding matrix (stage-2 distillation trains them apart)."""
+        if not self.config.tie_word_embeddings and self.lm_head.weight is not self.model.embed_tokens.weight:
+            return
+        self.config.tie_word_embeddings = False
+        self.lm_head.weight = nn.Parameter(self.model.embed_tokens.weight.detach().clone())
+        self.all_tied_weights_keys = {}
+
+    def save_pretrained(self, save_directory, *args, tokenizer=None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the tokenizer when given."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
+        return result
+
+
+__all__ = [
+    "ArwkvCache",
+    "ArwkvForCausalLM",
+    "ArwkvModel",
+    "ArwkvPreTrainedModel",
+    "ArwkvTimeMix",
+    "wkv7",
+    "wkv7_chunked",
+]
