@@ -1,0 +1,259 @@
+"""Atomic training checkpoints with everything needed for an exact resume.
+
+Layout of one checkpoint (`<dir>/step_000120/`):
+    model.safetensors   full (unsharded) model state, shared tensors stored once
+    optimizer.pt        optimizer state keyed by parameter name; scheduler state
+    rank<r>.pt          per process: RNG states (python, numpy, torch, cuda) and the data iterator position
+    trainer_state.json  step, tokens, metrics history cursor; written last
+    config.yaml         the resolved recipe (when given)
+
+A checkpoint is written to `.tmp-step_…`, every file is fsynced, the folder is renamed into place and the
+parent
+folder fsynced: a crash or a full disk leaves either the complete new checkpoint or none, and the previous
+one is
+never touched. Older checkpoints beyond `keep` are deleted only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from arwkv.errors import CheckpointError
+
+PREFIX = "step_"
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_ok(ok: bool) -> bool:
+    """True only when every process succeeded (so no rank waits forever on one that failed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
+        pass
+
+
+def _write(path: Path, writer) -> None:
+    """Write one file through `writer(path)` and fsync it. Tests monkeypatch this to simulate a full disk."""
+    writer(path)
+    _fsync_file(path)
+
+
+def _dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses shared storage (tied embeddings): keep one name per storage, remember the
+    aliases."""
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    out, aliases = {}, {}
+    for k, v in sd.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if v.numel() and key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+            out[k] = v.contiguous()
+    return out, aliases
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those with trainer_state.json), oldest first."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = [
+        p
+        for p in d.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    data_state: Any = None,
+    trainer_state: dict[str, Any] | None = None,
+    config_yaml: str | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically; every process calls this (rank 0 writes the shared files).
+
+    Raises CheckpointError (with the previous checkpoint intact) when anything cannot be written.
+    """
+    rank, world = _rank_world()
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / f"{PREFIX}{step:06d}"
+    tmp = ckpt_dir / f".tmp-{PREFIX}{step:06d}"
+    # gathering a sharded state is collective: every rank must take part even though only rank 0 writes
+    model_sd = get_model_state_dict(model, options=_FULL)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL) if optimizer is not None else None
+    error: BaseException | None = None
+    try:
+        if rank == 0:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+    except OSError as e:
+        error = e
+    if not _all_ok(error is None):
+        raise _error(ckpt_dir, step, error)
+    try:
+        _write(tmp / f"rank{rank}.pt", lambda p: torch.save({"rng": rng_state(), "data": data_state}, p))
+        if rank == 0:
+            tensors, aliases = _dedupe(model_sd)
+            _write(
+                tmp / "model.safetensors",
+                lambda p: save_file(tensors, str(p), metadata={"aliases": json.dumps(aliases)}),
+            )
+            if optim_sd is not None:
+                payload = {"optimizer": optim_sd, "scheduler": scheduler.state_dict() if scheduler else None}
+                _write(tmp / "optimizer.pt", lambda p: torch.save(payload, p))
+            if config_yaml is not None:
+                _write(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
+    except OSError as e:
+        error = e
+    wrote = _all_ok(error is None)
+    if rank == 0 and wrote:
+        try:
+            state = {"step": step, "world_size": world, **(trainer_state or {})}
+            _write(tmp / "trainer_state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
+            _fsync_dir(tmp)
+            if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(ckpt_dir)
+        except OSError as e:
+            error = e
+    ok = _all_ok(error is None)
+    if not ok:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _error(ckpt_dir, step, error)
+    if rank == 0:
+        for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _error(ckpt_dir: Path, step: int, error: BaseException | None) -> CheckpointError:
+    prev = latest_checkpoint(ckpt_dir)
+    why = f"{type(error).__name__}: {error}" if error else "another process failed to write its part"
+    keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+    return CheckpointError(
+        f"could not write checkpoint step {step} in {ckpt_dir} ({why}); {keep}. "
+        "Free disk space (or point out_dir elsewhere) and resume."
+    )
+
+
+def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a checkpoint, tied aliases restored."""
+    f = Path(path) / "model.safetensors"
+    if not f.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no model.safetensors)")
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as fh:
+        meta = fh.metadata() or {}
+    sd = load_file(str(f))
+    for alias, target in json.loads(meta.get("aliases", "{}")).items():
+        sd[alias] = sd[target]
+    return sd
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Restore a checkpoint in place; returns the trainer state with `data` (this rank's data position)."""
+    path = Path(path)
+    rank, world = _rank_world()
+    if not (path / "trainer_state.json").is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state.get("world_size", 1) != world:
+        raise CheckpointError(
+            f"{path} was written by {state.get('world_size')} processes, resuming with {world}: "
+            "exact resume needs the same number (or start a new run from its model)."
+        )
+    try:
+        set_model_state_dict(model, load_model_state(path), options=StateDictOptions(full_state_dict=True))
+        if optimizer is not None:
+            payload = torch.load(path / "optimizer.pt", weights_only=False)
+            set_optimizer_state_dict(
+                model, optimizer, payload["optimizer"], options=StateDictOptions(full_state_dict=True)
+            )
+            if scheduler is not None and payload["scheduler"] is not None:
+                scheduler.load_state_dict(payload["scheduler"])
+        per_rank = torch.load(path / f"rank{rank}.pt", weights_only=False)
+    except (OSError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"cannot restore {path}: {type(e).__name__}: {e}") from e
+    if restore_rng:
+        set_rng_state(per_rank["rng"])
+    state["data"] = per_rank["data"]
+    return state

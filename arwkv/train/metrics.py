@@ -1,0 +1,77 @@
+"""Held-out metrics of a student against its teacher: KL(p_T ‖ p_S), NLL of the actual next token (and its
+ratio to
+the teacher's), top-1 agreement, and top-1 agreement on confident teacher positions (max p_T ≥ confident_p;
+plain top-1 is a poor metric for a high-entropy teacher). Logits are formed a chunk of tokens at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arwkv.train.forward import Batch, hidden_states
+from arwkv.train.losses import shift_labels
+
+
+@torch.no_grad()
+def heldout_metrics(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    batches: Iterable[Batch],
+    *,
+    confident_p: float = 0.5,
+    chunk_size: int = 2048,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Token-weighted means over every predicted position of `batches` (padding and document starts
+    excluded)."""
+    device = device or next(student.parameters()).device
+    sums = {k: 0.0 for k in ("nll", "teacher_nll", "kl", "top1", "confident", "top1_confident")}
+    n = 0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        labels, weight = shift_labels(b["input_ids"], b.get("attention_mask"), b.get("position_ids"))
+        idx = weight.reshape(-1).nonzero().squeeze(-1)
+        y_all = labels.reshape(-1)
+        h_s, head_s = hidden_states(student, b)
+        h_s = h_s.reshape(-1, h_s.shape[-1])
+        if teacher is not None:
+            h_t, head_t = hidden_states(teacher, b)
+            h_t = h_t.reshape(-1, h_t.shape[-1])
+        for i in range(0, idx.numel(), chunk_size):
+            j = idx[i : i + chunk_size]
+            y = y_all[j]
+            log_ps = F.log_softmax(head_s(h_s[j]).float(), -1)
+            if teacher is None:
+                sums["nll"] += -log_ps.gather(1, y[:, None]).sum().item()
+                continue
+            log_pt = F.log_softmax(head_t(h_t[j]).float(), -1)
+            v = min(log_ps.shape[-1], log_pt.shape[-1])
+            # truncating a padded vocabulary: renormalise over the shared ids
+            log_ps, log_pt = log_ps[:, :v].log_softmax(-1), log_pt[:, :v].log_softmax(-1)
+            y = y.clamp_max(v - 1)
+            pt = log_pt.exp()
+            sums["nll"] += -log_ps.gather(1, y[:, None]).sum().item()
+            sums["teacher_nll"] += -log_pt.gather(1, y[:, None]).sum().item()
+            sums["kl"] += (pt * (log_pt - log_ps)).sum().item()
+            agree = log_ps.argmax(-1) == log_pt.argmax(-1)
+            conf = pt.max(-1).values >= confident_p
+            sums["top1"] += agree.sum().item()
+            sums["confident"] += conf.sum().item()
+            sums["top1_confident"] += (agree & conf).sum().item()
+        n += idx.numel()
+    n = max(n, 1)
+    out = {"nll": sums["nll"] / n, "tokens": float(n)}
+    if teacher is not None:
+        out.update(
+            teacher_nll=sums["teacher_nll"] / n,
+            nll_ratio=sums["nll"] / max(sums["teacher_nll"], 1e-12),
+            kl=sums["kl"] / n,
+            top1=sums["top1"] / n,
+            top1_confident=sums["top1_confident"] / max(sums["confident"], 1.0),
+            confident_frac=sums["confident"] / n,
+        )
+    return out

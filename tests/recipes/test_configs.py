@@ -1,0 +1,115 @@
+"""Recipe configs: every shipped YAML validates; overrides are typed; unknown keys are clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from arwkv.config import CONFIG_DIR, RecipeConfig, all_keys, apply_overrides, load_recipe, save_config
+from arwkv.errors import ConfigError
+
+SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_the_three_recipes_ship():
+    assert {"stories260k", "smollm2-135m", "qwen2.5-7b"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_yaml_validates(name):
+    cfg = load_recipe(name)
+    assert cfg.name == name
+    assert cfg.align.loss in ("mse", "l2") and cfg.distill.loss == "kl" and cfg.sft.loss == "ce"
+    assert cfg.student.untie_embeddings  # both references untie lm_head for distillation
+
+
+def test_overrides_are_coerced_to_field_types():
+    cfg = load_recipe(
+        "stories260k",
+        [
+            "align.lr=3e-3",
+            "distill.tokens=50e6",
+            "bf16=true",
+            "student.softmax_layers=[0,3]",
+            "distill.mixer_lr=null",
+            "distill.freeze=mlp,embeddings",
+            "student.mixer.head_size=16",
+        ],
+    )
+    assert cfg.align.lr == 3e-3 and isinstance(cfg.align.lr, float)
+    assert cfg.distill.tokens == 50_000_000 and isinstance(cfg.distill.tokens, int)
+    assert cfg.bf16 is True
+    assert cfg.student.softmax_layers == [0, 3]
+    assert cfg.distill.mixer_lr is None
+    assert cfg.distill.freeze == ["mlp", "embeddings"]
+    assert cfg.student.mixer["head_size"] == 16
+
+
+def test_section_defaults_survive_partial_yaml(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nsft:\n  enabled: true\n")
+    cfg = load_recipe(p)
+    assert cfg.sft.enabled and cfg.sft.loss == "ce" and cfg.align.loss == "mse"
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("distill.lrr=1", "distill.lr"),
+        ("alig.lr=1", "align.lr"),
+        ("teacher.pth=x", "teacher.path"),
+    ],
+)
+def test_unknown_key_names_close_matches(override, match):
+    with pytest.raises(ConfigError, match="unknown recipe key") as e:
+        load_recipe("stories260k", [override])
+    assert match in str(e.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\ndistill:\n  temprature: 2\n")
+    with pytest.raises(ConfigError, match="distill.kl_temperature") as e:
+        load_recipe(p)
+    assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "align.lr=fast",
+        "distill.tokens=1.5",
+        "bf16=maybe",
+        "distill.schedule=linear",
+        "align.batch_size=0",
+        "distill.freeze=brain",
+        "align.loss=kl",
+        "nonsense",
+    ],
+)
+def test_bad_values_are_config_errors(override):
+    with pytest.raises(ConfigError):
+        load_recipe("stories260k", [override])
+
+
+def test_unknown_recipe_name_lists_shipped():
+    with pytest.raises(ConfigError, match="stories260k"):
+        load_recipe("no-such-recipe")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_recipe("stories260k", ["distill.lr=2e-3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_recipe(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["distill"]["lr"] == 2e-3
+
+
+def test_all_keys_are_settable():
+    cfg = RecipeConfig()
+    for key in all_keys():
+        if key.endswith(("mixer", "betas", "freeze", "train", "sft", "softmax_layers")):
+            continue
+        assert "." in key or hasattr(cfg, key)
+    apply_overrides(cfg, {"eval.swa_window": "32"})
+    assert cfg.eval.swa_window == 32
