@@ -107,6 +107,8 @@ class ArwkvConfig(PreTrainedConfig):
         bad = [i for i in self.softmax_layers if n is not None and not 0 <= i < n]
         if bad:
             raise ValueError(f"softmax_layers {bad} are outside the teacher's {n} layers.")
+        if not 1 <= self.wkv_chunk_size <= 64:  # the chunked kernel's fp32 bound for RWKV-7's clamped decay
+            raise ValueError(f"wkv_chunk_size must be in 1..64, got {self.wkv_chunk_size}.")
         dim = self.mixer_dim
         if dim % self.wkv_head_size != 0:
             raise ValueError(f"head_size {self.wkv_head_size} must divide the mixer width {dim}.")

@@ -12,6 +12,7 @@ This file ships inside every saved checkpoint as remote code: it imports only to
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 from types import SimpleNamespace
@@ -43,6 +44,56 @@ TEACHER_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "q
 
 
 # <wkv7-chunked>
+# RWKV-7 WKV, chunked form. Copied from arwkv/ops/wkv7/chunked.py (derivation: arwkv/ops/wkv7/README.md).
+# Precondition (checked by arwkv.ops.wkv7, not here): chunk_size * max(-w) <= 40, i.e. any chunk_size <= 64
+# for RWKV-7's clamped log-decay w >= -0.6065. Beyond it the factorized exponents overflow fp32.
+
+
+def _wkv7_schedule(offsets: list[int], C: int, H: int, device: torch.device):
+    """Chunk order for sequences [offsets[i], offsets[i+1]) of one flat token axis.
+
+    Chunks are laid out step-major (all first chunks, then all second chunks, ...) over the sequences sorted
+    longest first, so sequential step n is one contiguous slice of the `active[n]` still-running sequences.
+    """
+    N = len(offsets) - 1
+    nch = [-(-(offsets[i + 1] - offsets[i]) // C) for i in range(N)]
+    order = sorted(range(N), key=lambda s: -nch[s])
+    steps = nch[order[0]] if N else 0
+    hist = [0] * (steps + 1)
+    for c in nch:
+        hist[c] += 1
+    active, alive = [], N
+    for n in range(steps):
+        alive -= hist[n]
+        active.append(alive)
+    M, total = sum(active), offsets[-1]
+    act = torch.tensor(active, dtype=torch.long)
+    starts = torch.tensor([offsets[s] for s in order], dtype=torch.long)
+    ends = torch.tensor([offsets[s + 1] for s in order], dtype=torch.long)
+    step = torch.repeat_interleave(torch.arange(steps), act)
+    slot = torch.arange(M) - torch.repeat_interleave(act.cumsum(0) - act, act)
+    tok = (starts[slot] + step * C)[:, None] + torch.arange(C)  # [M, C] token of each chunk row
+    valid = tok < ends[slot][:, None]
+    # gather rows of x.reshape(total * H, D) into [M, H, C, D]; padding reads zero rows appended at `total`
+    src = torch.where(valid, tok, total)[:, None, :] * H + torch.arange(H)[None, :, None]
+    base = torch.empty(total, dtype=torch.long)
+    base[tok[valid]] = (torch.arange(M)[:, None] * (H * C) + torch.arange(C))[valid]
+    dst = base[:, None] + torch.arange(H) * C  # [total, H] row of each (token, head) in [M, H, C, V]
+    unsort = torch.empty(N, dtype=torch.long)
+    unsort[torch.tensor(order, dtype=torch.long)] = torch.arange(N)
+    pad = not bool(valid.all())
+    return active, order, src.flatten().to(device), dst.flatten().to(device), unsort.to(device), pad
+
+
+def _wkv7_inv_unit_lower(A: torch.Tensor) -> torch.Tensor:
+    """(I - A)^-1 for strictly lower-triangular A as (I + A)(I + A^2)(I + A^4)... (exact: A^C = 0)."""
+    P = A + torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    for _ in range((A.shape[-1] - 1).bit_length() - 1):
+        A = A @ A
+        P = P + P @ A
+    return P
+
+
 def wkv7_chunked(
     r: torch.Tensor,
     w: torch.Tensor,
@@ -56,44 +107,69 @@ def wkv7_chunked(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stand-in with the chunked kernel's signature: the plain token-by-token recurrence in fp32.
+    """RWKV-7 WKV, fla layout: r, w (log-decay), k, a, b [B, T, H, K]; v [B, T, H, V]; states [N, H, K, V].
 
-    Replaced by the chunked kernel when it lands in arwkv/ops/wkv7/chunked.py (`chunk_size` is unused here).
+    Returns (o [B, T, H, V] in v's dtype, final state in fp32 (fp64 for fp64 inputs) or None).
     """
-    if cu_seqlens is not None:
-        if r.shape[0] != 1:
-            raise ValueError("cu_seqlens needs batch size 1 (sequences packed along time).")
-        bounds = cu_seqlens.tolist()
-        outs, finals = [], []
-        for n in range(len(bounds) - 1):
-            s, e = bounds[n], bounds[n + 1]
-            h0 = None if initial_state is None else initial_state[n : n + 1]
-            o, h = wkv7_chunked(
-                r[:, s:e], w[:, s:e], k[:, s:e], v[:, s:e], a[:, s:e], b[:, s:e], scale, h0, True, None
-            )
-            outs.append(o)
-            finals.append(h)
-        return torch.cat(outs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)
+    B, T, H, K = r.shape
+    V, out_dtype = v.shape[-1], v.dtype
+    C = int(chunk_size)
+    cdt = (
+        torch.float64
+        if torch.float64 in (r.dtype, w.dtype, k.dtype, v.dtype, a.dtype, b.dtype)
+        else torch.float32
+    )
+    offsets = cu_seqlens.tolist() if cu_seqlens is not None else [i * T for i in range(B + 1)]
+    active, order, src, dst, unsort, pad = _wkv7_schedule(offsets, C, H, r.device)
+    M, N = sum(active), len(offsets) - 1
 
-    B, T, H, K = k.shape
-    V = v.shape[-1]
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [M, H, C, D]
+        x = x.reshape(-1, x.shape[-1])
+        if pad:
+            x = torch.cat([x, x.new_zeros(H, x.shape[-1])])
+        return x.index_select(0, src).view(M, H, C, -1).to(cdt)
+
+    g, r, k, v, a, b = chunks(w), chunks(r), chunks(k), chunks(v), chunks(a), chunks(b)
+    # exponents relative to the chunk start (README §3.3): γ inclusive cumsum, γ⁻ = γ - g, γ_C chunk total
+    gam = g.cumsum(-2)
+    gC = gam[..., -1:, :]
+    rt = r * (gam.exp() * scale)
+    at = a * (gam - g).exp()
+    ein = (-gam).exp()
+    X = torch.cat([k * ein, b * ein], -2)
+    tail = (gC - gam).exp()
+    above = torch.ones(C, C, dtype=torch.bool, device=r.device).triu(1)
+    Aq = (rt @ X.mT).masked_fill(torch.cat([above, above], 1), 0)  # [A_qk | A_qb], j <= i
+    diag_up = above | torch.eye(C, dtype=torch.bool, device=r.device)
+    Aa = (at @ X.mT).masked_fill(torch.cat([diag_up, diag_up], 1), 0)  # [A_ak | A_ab], j < i
+    W, U0 = (_wkv7_inv_unit_lower(Aa[..., C:]) @ torch.cat([at, Aa[..., :C] @ v], -1)).split([K, V], -1)
+    KV = (k * tail).mT @ v  # K̂ᵀ V
+    bT = (b * tail).mT  # B̂ᵀ
+    dC = gC.mT.exp()  # e^{γ_C} per key row
+
     if initial_state is None:
-        h = torch.zeros(B, H, K, V, dtype=torch.float32, device=k.device)
+        h = r.new_zeros(N, H, K, V)
     else:
-        h = initial_state.float()
-    r32, k32, v32, a32, b32 = (t.float() for t in (r, k, v, a, b))
-    decay = w.float().exp()
-    outs = []
-    for t in range(T):
-        u = torch.einsum("bhkv,bhk->bhv", h, a32[:, t])  # S_{t-1}ᵀ a_t, before this token's decay
-        h = (
-            h * decay[:, t, :, :, None]
-            + k32[:, t, :, :, None] * v32[:, t, :, None, :]
-            + b32[:, t, :, :, None] * u[:, :, None, :]
-        )
-        outs.append(torch.einsum("bhkv,bhk->bhv", h, r32[:, t]) * scale)
-    o = torch.stack(outs, dim=1) if outs else v32.new_zeros(B, 0, H, V)
-    return o.to(v.dtype), (h if output_final_state else None)
+        h = initial_state.to(cdt).index_select(0, torch.tensor(order, device=r.device))
+    finished, hs, us = [], [], []
+    split = lambda x: torch.split(x, active)  # views; backward is one cat, not a zero-filled copy per step
+    for n, (W_n, U0_n, KV_n, bT_n, dC_n) in enumerate(
+        zip(split(W), split(U0), split(KV), split(bT), split(dC), strict=True)
+    ):
+        if active[n] < h.shape[0]:
+            finished.append(h[active[n] :])
+            h = h[: active[n]]
+        U_n = U0_n + W_n @ h
+        hs.append(h)
+        us.append(U_n)
+        h = dC_n * h + KV_n + bT_n @ U_n
+    finished.append(h)
+    O = rt @ torch.cat(hs) + Aq @ torch.cat([v, torch.cat(us)], -2)  # [M, H, C, V]
+    o = O.reshape(-1, V).index_select(0, dst).view(B, T, H, V).to(out_dtype)
+    final = None
+    if output_final_state:
+        final = torch.cat(finished[::-1]).index_select(0, unsort)
+    return o, final
 
 
 # </wkv7-chunked>
@@ -110,32 +186,41 @@ def wkv7_step(r, w, k, v, a, b, state: torch.Tensor) -> tuple[torch.Tensor, torc
 def _fla_kernels():
     try:
         from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
-    except ImportError:
+    except Exception:  # fla raises assorted errors when triton or the driver is missing
         return None
     return chunk_rwkv7, fused_recurrent_rwkv7
 
 
+def _wkv7_fla(kernels, r, w, k, v, a, b, initial_state, cu_seqlens):
+    chunk, recurrent = kernels
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (r, w, k, v, a, b))
+    if not needs_grad and r.shape[1] < 16 and cu_seqlens is None:  # decode: no chunking overhead
+        return recurrent(r, w, k, v, a, b, scale=1.0, initial_state=initial_state, output_final_state=True)
+    extra = {}
+    if "safe_gate" in inspect.signature(chunk).parameters:  # tensor-core path for decays clamped as ours
+        extra = {"safe_gate": True, "lower_bound": DECAY_SCALE}
+    return chunk(
+        r,
+        w,
+        k,
+        v,
+        a,
+        b,
+        scale=1.0,
+        initial_state=initial_state,
+        output_final_state=True,
+        cu_seqlens=cu_seqlens,
+        **extra,
+    )
+
+
 def wkv7(r, w, k, v, a, b, initial_state, cu_seqlens, backend: str, chunk_size: int):
     """The one place a WKV kernel is chosen. Returns (o [B, T, H, V] in v's dtype, final state fp32)."""
-    fla = _fla_kernels() if backend == "fla" or (backend == "auto" and r.is_cuda) else None
-    if backend == "fla" and fla is None:
-        raise ImportError(
-            "wkv_backend='fla' needs flash-linear-attention (pip install flash-linear-attention)."
-        )
-    if fla is not None:
-        kernel = fla[1] if r.shape[1] == 1 else fla[0]
-        o, state = kernel(
-            r=r,
-            w=w,
-            k=k,
-            v=v,
-            a=a,
-            b=b,
-            scale=1.0,
-            initial_state=initial_state,
-            output_final_state=True,
-            cu_seqlens=cu_seqlens,
-        )
+    kernels = _fla_kernels() if backend == "fla" or (backend == "auto" and r.is_cuda) else None
+    if backend == "fla" and kernels is None:
+        raise ImportError("wkv_backend='fla' needs flash-linear-attention and CUDA.")
+    if kernels is not None:
+        o, state = _wkv7_fla(kernels, r, w, k, v, a, b, initial_state, cu_seqlens)
         return o.to(v.dtype), state
     if r.shape[1] == 1 and cu_seqlens is None:
         if initial_state is None:
