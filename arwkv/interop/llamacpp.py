@@ -1,0 +1,297 @@
+"""llama.cpp interop: export a student for llama.cpp's `arwkv7` converter and check the GGUF it writes.
+
+llama.cpp reads the published ARWKV layout (`RwkvHybridForCausalLM` → GGUF architecture `arwkv7`) through
+its `convert_hf_to_gguf.py`. Its `arwkv7` graph has RWKV-7 mixers in every layer (no softmax layers), LoRA
+ranks 64/64/32/128 (gate rank 0 when gate-free), GroupNorm eps fixed at 64e-5 and the gate without "1 +".
+The converter also needs the tokenizer files beside the weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from arwkv.errors import ArwkvError, CheckpointError
+from arwkv.interop.rwkv_hybrid import (
+    LORA_RANKS,
+    MIXER,
+    HybridLayout,
+    export_problems,
+    export_rwkv_hybrid,
+    read_config,
+    read_state_dict,
+)
+
+if TYPE_CHECKING:
+    from arwkv.models.arwkv import ArwkvForCausalLM
+
+ARCH = "arwkv7"
+LLAMACPP_GN_EPS = 64e-5  # hard-coded in llama.cpp's rwkv7 graph
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+)
+LERP_ORDER = "rwkvag"  # order of the six token-shift mixes in time_mix_lerp_fused
+
+
+def llamacpp_problems(student: ArwkvForCausalLM) -> list[str]:
+    """Everything that keeps llama.cpp's `arwkv7` from running this student exactly (empty = it fits)."""
+    problems = export_problems(student)
+    cfg = student.config
+    if cfg.softmax_layers:
+        problems.append(
+            f"softmax_layers {cfg.softmax_layers}: llama.cpp's arwkv7 has RWKV mixers in every layer"
+        )
+    if cfg.use_group_norm and abs(_student_gn_eps(cfg) - LLAMACPP_GN_EPS) > 1e-12:
+        problems.append(f"GroupNorm eps {_student_gn_eps(cfg):g}: llama.cpp fixes it at {LLAMACPP_GN_EPS:g}")
+    return problems
+
+
+def _student_gn_eps(cfg: Any) -> float:
+    eps = getattr(cfg, "group_norm_eps", None)
+    return float(eps) if eps is not None else 1e-5 * cfg.wkv_head_size
+
+
+def export_for_llamacpp(student: ArwkvForCausalLM, out: str | Path, tokenizer: Any) -> Path:
+    """Write `out` so that `convert_hf_to_gguf.py out` makes an `arwkv7` GGUF: the rwkv_hybrid export plus the
+    tokenizer (a directory holding tokenizer files, or a transformers tokenizer)."""
+    problems = llamacpp_problems(student)
+    if problems:
+        raise CheckpointError(
+            "this student cannot be exported for llama.cpp's arwkv7: " + "; ".join(problems)
+        )
+    out = export_rwkv_hybrid(student, out, untie=True)  # llama.cpp's arwkv7 requires output.weight
+    if isinstance(tokenizer, (str, Path)):
+        src = Path(tokenizer)
+        copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+        if not copied:
+            raise CheckpointError(f"{src} holds none of the tokenizer files {TOKENIZER_FILES}.")
+        for f in copied:
+            shutil.copy(src / f, out / f)
+    else:
+        tokenizer.save_pretrained(out)
+    _check_vocab(out, student.config.vocab_size)
+    return out
+
+
+def _check_vocab(out: Path, vocab_size: int) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    top = max(tok.get_vocab().values())
+    if top >= vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has token id {top}, but the model's vocab_size is {vocab_size}: "
+            "llama.cpp's converter needs every token id below vocab_size."
+        )
+
+
+def convert_to_gguf(
+    src: str | Path,
+    outfile: str | Path,
+    llamacpp_dir: str | Path | None = None,
+    outtype: str = "f32",
+    timeout: float = 900,
+) -> Path:
+    """Run llama.cpp's `convert_hf_to_gguf.py` (from `llamacpp_dir` or `$ARWKV_LLAMACPP_DIR`) on `src`."""
+    root = Path(llamacpp_dir or os.environ.get("ARWKV_LLAMACPP_DIR", ""))
+    script = root / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise ArwkvError(
+            f"no convert_hf_to_gguf.py in {str(root) or '(unset)'}: pass llamacpp_dir or set "
+            "ARWKV_LLAMACPP_DIR to a llama.cpp source checkout."
+        )
+    cmd = [sys.executable, str(script), str(src), "--outfile", str(outfile), "--outtype", outtype]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not Path(outfile).is_file():
+        raise ArwkvError(f"llama.cpp's converter failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return Path(outfile)
+
+
+# ----------------------------------------------------------------------------------------------------
+# checking a GGUF
+
+
+@dataclass
+class GgufReport:
+    """What `check_gguf` read: metadata, tensor name -> numpy shape, and the tensors compared to a source."""
+
+    metadata: dict[str, Any]
+    tensors: dict[str, tuple[int, ...]]
+    compared: list[str] = field(default_factory=list)
+
+
+def expected_gguf_tensors(layout: HybridLayout) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> numpy shape (GGUF `ne` reversed) that llama.cpp's converter writes for `layout`."""
+    C, V, F = layout.hidden, layout.vocab, layout.intermediate
+    t: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (V, C),
+        "output_norm.weight": (C,),
+        "output.weight": (V, C),
+    }
+    for i in range(layout.layers):
+        b = f"blk.{i}."
+        t |= {
+            b + "attn_norm.weight": (C,),
+            b + "ffn_norm.weight": (C,),
+            b + "ffn_gate.weight": (F, C),
+            b + "ffn_up.weight": (F, C),
+            b + "ffn_down.weight": (C, F),
+            b + "time_mix_lerp_fused.weight": (6 if layout.gate else 5, 1, 1, C),
+        }
+        for m, r in LORA_RANKS.items():
+            if m == "g" and not layout.gate:
+                continue
+            # layer 0's unused v0/v1/v2 are written as copies of a0/a1/a2 (llama.cpp's loader expects that)
+            r = LORA_RANKS["a"] if m == "v" and i == 0 else r
+            t |= {b + f"time_mix_{m}1.weight": (r, C), b + f"time_mix_{m}2.weight": (C, r)}
+            if m != "g":
+                t[b + f"time_mix_{m}0.weight"] = (C,)
+        t |= {b + f"time_mix_{n}.weight": (C,) for n in ("k_k", "k_a", "r_k")}
+        t |= {b + f"time_mix_{n}.weight": (C, C) for n in ("key", "value", "receptance", "output")}
+        if layout.group_norm:
+            t |= {b + "time_mix_ln.weight": (C,), b + "time_mix_ln.bias": (C,)}
+    return t
+
+
+def _hybrid_source(name: str, sd: dict[str, torch.Tensor], layout: HybridLayout) -> np.ndarray:
+    """The array llama.cpp's converter should write for GGUF tensor `name`, from the rwkv_hybrid weights."""
+    flat = {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    if name in flat:
+        key = flat[name] if flat[name] in sd else "model.embed_tokens.weight"
+        return sd[key].float().numpy()
+    _, i, rest = name.split(".", 2)
+    p = f"model.layers.{i}."
+    t = p + MIXER
+    plain = {
+        "attn_norm.weight": p + "input_layernorm.weight",
+        "ffn_norm.weight": p + "post_attention_layernorm.weight",
+        "ffn_gate.weight": p + "mlp.gate_proj.weight",
+        "ffn_up.weight": p + "mlp.up_proj.weight",
+        "ffn_down.weight": p + "mlp.down_proj.weight",
+        "time_mix_ln.weight": t + "ln_x.weight",
+        "time_mix_ln.bias": t + "ln_x.bias",
+    }
+    if rest in plain:
+        return sd[plain[rest]].float().numpy()
+    part = rest.removeprefix("time_mix_").removesuffix(".weight")
+    if part == "lerp_fused":
+        mixes = LERP_ORDER if layout.gate else LERP_ORDER[:-1]
+        return torch.stack([sd[t + f"x_{m}"].reshape(1, 1, -1) for m in mixes]).float().numpy()
+    if part in ("key", "value", "receptance", "output"):
+        return sd[t + f"{part}.weight"].float().numpy()
+    if i == "0" and part[0] == "v" and len(part) == 2:
+        part = "a" + part[1]
+    x = sd[t + part].float()
+    return (x.T if part[-1] in "12" else x.reshape(-1)).numpy()
+
+
+def check_gguf(path: str | Path, source: str | Path | None = None, atol: float = 0.0) -> GgufReport:
+    """Check that `path` is an `arwkv7` GGUF with a complete, consistently shaped tensor list.
+
+    With `source` (the rwkv_hybrid directory it was converted from) the metadata must match its config.json
+    and every tensor must equal the source weights (within `atol`, e.g. 1e-3 for f16 files). Raises
+    `CheckpointError` naming every problem; returns what it read."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
+    problems: list[str] = []
+    arch = meta.get("general.architecture")
+    if arch != ARCH:
+        raise CheckpointError(f"{path}: general.architecture is {arch!r}, expected {ARCH!r}.")
+    layout = _layout_from_source(source) if source is not None else _layout_from_meta(meta, tensors)
+    want_meta = {
+        f"{ARCH}.block_count": layout.layers,
+        f"{ARCH}.embedding_length": layout.hidden,
+        f"{ARCH}.feed_forward_length": layout.intermediate,
+        f"{ARCH}.wkv.head_size": layout.head_size,
+        f"{ARCH}.attention.decay_lora_rank": LORA_RANKS["w"],
+        f"{ARCH}.attention.iclr_lora_rank": LORA_RANKS["a"],
+        f"{ARCH}.attention.value_residual_mix_lora_rank": LORA_RANKS["v"],
+        f"{ARCH}.attention.gate_lora_rank": LORA_RANKS["g"] if layout.gate else 0,
+        f"{ARCH}.token_shift_count": 1,
+    }
+    for k, v in want_meta.items():
+        if meta.get(k) != v:
+            problems.append(f"metadata {k} = {meta.get(k)!r}, expected {v!r}")
+    n_tokens = len(meta.get("tokenizer.ggml.tokens") or [])
+    if n_tokens != layout.vocab:
+        problems.append(f"tokenizer.ggml.tokens has {n_tokens} entries, expected vocab_size {layout.vocab}")
+    want = expected_gguf_tensors(layout)
+    missing = sorted(set(want) - set(tensors))
+    extra = sorted(set(tensors) - set(want))
+    wrong = [f"{n}: {tensors[n]} (expected {s})" for n, s in want.items() if n in tensors and tensors[n] != s]
+    for what, v in (("missing tensors", missing), ("unexpected tensors", extra), ("shape mismatches", wrong)):
+        if v:
+            problems.append(f"{len(v)} {what}: {', '.join(v[:12])}")
+    report = GgufReport(meta, tensors)
+    if source is not None and not problems:
+        sd = read_state_dict(source)
+        for t in reader.tensors:
+            got = np.asarray(t.data, dtype=np.float32).reshape(tensors[t.name])
+            exp = _hybrid_source(t.name, sd, layout)
+            if not np.allclose(got, exp.reshape(got.shape), rtol=0, atol=atol):
+                problems.append(
+                    f"{t.name} differs from the source (max |diff| {np.abs(got - exp).max():.3g})"
+                )
+            report.compared.append(t.name)
+    if problems:
+        raise CheckpointError(f"{path} is not the expected {ARCH} GGUF: " + "; ".join(problems))
+    return report
+
+
+def _field_value(f: Any) -> Any:
+    try:
+        v = f.contents()
+    except Exception:  # exotic field types: not needed for the checks
+        return None
+    return v
+
+
+def _layout_from_source(source: str | Path) -> HybridLayout:
+    return HybridLayout.from_config(read_config(source))
+
+
+def _layout_from_meta(meta: dict[str, Any], tensors: dict[str, tuple[int, ...]]) -> HybridLayout:
+    try:
+        C, L = meta[f"{ARCH}.embedding_length"], meta[f"{ARCH}.block_count"]
+        head = meta[f"{ARCH}.wkv.head_size"]
+        ffn = meta[f"{ARCH}.feed_forward_length"]
+    except KeyError as e:
+        raise CheckpointError(f"the GGUF lacks metadata {e.args[0]}") from None
+    vocab = tensors.get("token_embd.weight", (0, C))[0]
+    gate = "blk.0.time_mix_g1.weight" in tensors
+    gn = "blk.0.time_mix_ln.weight" in tensors
+    return HybridLayout(
+        hidden=C,
+        layers=L,
+        vocab=vocab,
+        intermediate=ffn,
+        heads=1,
+        kv_heads=1,
+        head_size=head,
+        head_size_divisor=8,
+        gate=gate,
+        group_norm=gn,
+        wkv_layers=tuple(range(L)),
+        tie=False,
+    )
