@@ -323,7 +323,7 @@ def student_to_hybrid_key(key: str, rwkv_layers: set[int]) -> str:
     parts = key.split(".")
     if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[3] == "self_attn":
         if int(parts[2]) in rwkv_layers:
-            return ".".join(parts[:4]) + "." + MIXER + ".".join(parts[4:])
+            return ".".join(parts[:3]) + "." + MIXER + ".".join(parts[4:])
     return key
 
 
