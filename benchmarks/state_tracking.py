@@ -27,6 +27,9 @@ import torch
 from arwkv.eval import state_tracking as st
 
 PHASES = ("transformer", "rwkv7", "distilled")
+# RWKV-7's size-based LoRA ranks have a floor of 32, which at d_model 64 makes each LoRA as large as an
+# attention projection; ranks like those of BlinkDL's small demos keep the model close to attention's size.
+MIXER_OPTIONS = {"lora_ranks": {"w": 16, "a": 16, "v": 8, "g": 16}, "wkv_backend": "chunked"}
 LABELS = {
     "transformer": "Transformer (Llama)",
     "rwkv7": "RWKV-7 (from scratch)",
@@ -73,14 +76,14 @@ def run_phase(args, group: st.PermutationGroup, phase: str, out: Path, results: 
     if phase == "transformer":
         model, teacher = transformer, None
     elif phase == "rwkv7":
-        model, _ = st.make_matched_rwkv7(group, st.num_params(transformer), **kw)
+        model, _ = st.make_matched_rwkv7(group, st.num_params(transformer), MIXER_OPTIONS, **kw)
         teacher = None
     else:
         teacher = transformer
         teacher.load_state_dict(torch.load(out / "ckpt" / f"{group.name}-transformer.pt")["model"])
         from arwkv.convert.build import build_student
 
-        model = build_student(teacher, init="copy")
+        model = build_student(teacher, init="copy", **MIXER_OPTIONS)
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
     if state is not None:
         log(f"{group.name}/{phase}: resuming at step {state['step']}")
@@ -210,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     config = {k: v for k, v in vars(args).items() if k not in ("out", "report_only")}
     config["eval_lengths"] = [int(x) for x in args.eval_lengths.split(",")]
     config["distill_steps"] = args.distill_steps or args.steps
+    config["mixer_options"] = MIXER_OPTIONS
     results = json.loads(res_path.read_text()) if res_path.exists() else {"groups": {}}
     results["config"] = config
     if not args.report_only:

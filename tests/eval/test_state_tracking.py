@@ -87,3 +87,34 @@ def test_resume_continues_the_same_run():
     assert [h["step"] for h in hist] == [4, 8]
     for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_rwkv7_is_matched_in_size_and_learns():
+    g = st.get_group("Z3")
+    kw = dict(hidden_size=32, num_layers=1, head_dim=16)
+    transformer = st.make_transformer(st.transformer_config(g, **kw))
+    mixer = {"lora_ranks": {"w": 8, "a": 8, "v": 8, "g": 8}, "wkv_backend": "chunked"}
+    model, cfg = st.make_matched_rwkv7(g, st.num_params(transformer), mixer, **kw)
+    assert type(model).__name__ == "ArwkvForCausalLM"
+    assert not any("self_attn.q_proj" in n for n, _ in model.named_parameters())  # every layer is RWKV-7
+    # within one MLP unit of the Transformer's size
+    assert abs(st.num_params(model) - st.num_params(transformer)) <= 3 * kw["hidden_size"] * kw["num_layers"]
+    hist = st.train(
+        model, g, st.TrainConfig(steps=80, batch_size=16, length=8, lr=1e-2, warmup=5, log_every=20)
+    )
+    assert hist[-1]["loss"] < 0.85 * hist[0]["loss"]
+
+
+def test_distillation_moves_the_student_toward_the_teacher():
+    from arwkv.convert.build import build_student
+
+    g = st.get_group("Z3")
+    teacher = st.make_transformer(st.transformer_config(g, hidden_size=32, num_layers=1, head_dim=16))
+    st.train(teacher, g, st.TrainConfig(steps=30, batch_size=16, length=8, lr=1e-2, warmup=5, log_every=30))
+    student = build_student(
+        teacher, init="copy", wkv_backend="chunked", lora_ranks={"w": 8, "a": 8, "v": 8, "g": 8}
+    )
+    cfg = st.TrainConfig(steps=30, batch_size=16, length=8, lr=3e-3, warmup=5, log_every=10)
+    hist = st.distill(student, teacher, g, cfg)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert all(not p.requires_grad for p in teacher.parameters())
