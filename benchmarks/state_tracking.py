@@ -39,11 +39,14 @@ LABELS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", default="S3,A5", help="comma-separated: S<n>, A<n>, Z<n>")
+    p.add_argument("--groups", default="S3,Z2,A5", help="comma-separated: S<n>, A<n>, Z<n>")
     p.add_argument("--train-length", type=int, default=16)
     p.add_argument("--eval-lengths", default="4,8,16,32,64,128")
-    p.add_argument("--steps", type=int, default=1500, help="training steps per model (Transformer, RWKV-7)")
-    p.add_argument("--distill-steps", type=int, default=None, help="default: --steps")
+    p.add_argument(
+        "--steps",
+        default="S3=2000,A5=1000,Z2=1000",
+        help="training steps of each model (Transformer, RWKV-7, distillation): N, or GROUP=N,... per group",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--hidden-size", type=int, default=64)
@@ -61,11 +64,21 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def steps_for(spec: str, group: str) -> int:
+    """``"1500"`` or ``"S3=2000,A5=1000"`` -> the step count for ``group``."""
+    if "=" not in spec:
+        return int(spec)
+    table = dict(item.split("=") for item in spec.split(","))
+    if group not in table:
+        raise SystemExit(f"--steps {spec!r} has no entry for group {group}")
+    return int(table[group])
+
+
 def run_phase(args, group: st.PermutationGroup, phase: str, out: Path, results: dict) -> dict:
     """Train (or distil) one model, resuming from its checkpoint, then evaluate it at every length."""
     ckpt = out / "ckpt" / f"{group.name}-{phase}.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    steps = args.steps if phase != "distilled" else (args.distill_steps or args.steps)
+    steps = steps_for(args.steps, group.name)
     cfg = st.TrainConfig(
         steps=steps, batch_size=args.batch_size, length=args.train_length, lr=args.lr, seed=args.seed
     )
@@ -132,7 +145,8 @@ def write_table(results: dict, path: Path) -> None:
         "",
         f"Trained at length {cfg['train_length']} (lengths > {cfg['train_length']} are extrapolation); "
         f"d_model {cfg['hidden_size']}, {cfg['layers']} layers, head size {cfg['head_dim']}, batch "
-        f"{cfg['batch_size']}, {cfg['steps']} steps (distillation {cfg['distill_steps']}), CPU, 1 thread; "
+        f"{cfg['batch_size']}, AdamW lr {cfg['lr']} cosine; steps per model (same for distillation): "
+        f"{cfg['steps']}; CPU, {cfg['threads']} thread(s); "
         f"{cfg['eval_sequences']} fresh words per length. Chance = 1/|G|.",
         "",
     ]
@@ -212,7 +226,6 @@ def main(argv: list[str] | None = None) -> None:
     res_path = out / "results.json"
     config = {k: v for k, v in vars(args).items() if k not in ("out", "report_only")}
     config["eval_lengths"] = [int(x) for x in args.eval_lengths.split(",")]
-    config["distill_steps"] = args.distill_steps or args.steps
     config["mixer_options"] = MIXER_OPTIONS
     results = json.loads(res_path.read_text()) if res_path.exists() else {"groups": {}}
     results["config"] = config
