@@ -25,7 +25,11 @@ from arwkv.train.params import mixer_layers, param_groups
 
 
 class AlignTask(nn.Module):
-    """forward(batch) -> (loss sum, token count, {}) for the stage-1 loss of all mixer layers at once."""
+    """forward(batch) -> (loss sum, token count, {}) for the stage-1 loss of all mixer layers at once.
+
+    `layers` defaults to every RWKV layer. A kept softmax layer may be listed too: it is called exactly as the
+    teacher called its own attention, so its loss is 0 (a check that the plumbing feeds the teacher's input).
+    """
 
     def __init__(
         self,
@@ -38,26 +42,25 @@ class AlignTask(nn.Module):
         super().__init__()
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained, saved or synced by DDP
-        self.layers = list(mixer_layers(student) if layers is None else layers)
+        self.rwkv = list(mixer_layers(student))
+        self.layers = sorted(self.rwkv if layers is None else layers)
         if not self.layers:
             raise ValueError("the student has no RWKV mixer layers to align")
         self.loss, self.grad_checkpointing = loss, grad_checkpointing
-        self.mixers = [decoder_layers(student)[i].self_attn for i in self.layers]
         teacher.requires_grad_(False)
 
     def count(self, batch: Batch) -> int:
         return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
-    def _teacher_io(self, batch: Batch) -> dict[int, tuple[Tensor, Any, Tensor]]:
-        """{layer: (attention input, position_embeddings, attention output)} from one teacher forward."""
+    def _teacher_io(self, batch: Batch) -> dict[int, tuple[tuple, dict, Tensor]]:
+        """{layer: (attention args, attention kwargs, attention output)} from one teacher forward."""
         captured: dict[int, list[Any]] = {}
         handles = []
         t_layers = decoder_layers(self.teacher)
         for i in self.layers:
 
             def pre(mod, args, kwargs, i=i):
-                x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                captured[i] = [x, kwargs.get("position_embeddings")]
+                captured[i] = [args, kwargs]
 
             def post(mod, args, kwargs, output, i=i):
                 captured[i].append(output[0] if isinstance(output, tuple) else output)
@@ -79,51 +82,90 @@ class AlignTask(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         io = self._teacher_io(batch)
-        mask = batch.get("attention_mask")
-        call = _MixerCall(batch)
-        v_first = None
-        outs, targets = [], []
-        for i, mixer in zip(self.layers, self.mixers, strict=True):
-            x, pe, y_t = io[i]
-            x = x.detach().to(next(mixer.parameters()).dtype)
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                y_s, v_first = checkpoint(call, mixer, x, v_first, pe, use_reentrant=False)
-            else:
-                y_s, v_first = call(mixer, x, v_first, pe)
-            outs.append(y_s)
-            targets.append(y_t)
-        total, count = output_match_loss(outs, targets, mask, self.loss)
+        s_layers = decoder_layers(self.student)
+        outs: dict[int, Tensor] = {}
+        rwkv = [i for i in self.layers if i in self.rwkv]
+        inputs = {i: _attn_input(*io[i][:2]).detach() for i in rwkv}
+        if hasattr(
+            self.student, "mixer_outputs"
+        ):  # the arwkv student: its own packing / RoPE / v_first rules
+            mask = batch.get("attention_mask")
+            mask = mask if mask is not None and not bool(mask.bool().all()) else None
+            outs.update(self.student.mixer_outputs(inputs, mask, batch.get("position_ids")))
+        else:
+            outs.update(
+                _generic_mixers(s_layers, inputs, batch, {i: io[i][1] for i in rwkv}, self.grad_checkpointing)
+            )
+        for i in self.layers:
+            if i not in self.rwkv:  # kept softmax attention: the teacher's exact call
+                args, kwargs, _ = io[i]
+                out = s_layers[i].self_attn(*args, **kwargs)
+                outs[i] = out[0] if isinstance(out, tuple) else out
+        total, count = output_match_loss(
+            [outs[i] for i in self.layers],
+            [io[i][2] for i in self.layers],
+            batch.get("attention_mask"),
+            self.loss,
+        )
         return total, count, {}
 
 
+def _attn_input(args: tuple, kwargs: dict) -> Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _generic_mixers(
+    s_layers: nn.ModuleList,
+    inputs: dict[int, Tensor],
+    batch: Batch,
+    teacher_kwargs: dict,
+    grad_checkpointing: bool,
+) -> dict[int, Tensor]:
+    """Any student whose mixers take the arwkv signature `(x, v_first, attention_mask, layer_state,
+    cu_seqlens, position_embeddings) -> (out, v_first, state)`; v_first flows from the first mixer."""
+    call = _MixerCall(batch)
+    outs, v_first = {}, None
+    for i in sorted(inputs):
+        mixer = s_layers[i].self_attn
+        pe = teacher_kwargs[i].get("position_embeddings")
+        x = inputs[i].to(next(mixer.parameters()).dtype)
+        if grad_checkpointing and torch.is_grad_enabled():
+            outs[i], v_first = checkpoint(call, mixer, x, v_first, pe, use_reentrant=False)
+        else:
+            outs[i], v_first = call(mixer, x, v_first, pe)
+    return outs
+
+
 class _MixerCall:
-    """Calls a mixer with the arwkv signature; packed documents become `cu_seqlens` over a flattened [1, B·T]
-    row
-    so the recurrent state resets at every document start, padding goes in as the 2D mask."""
+    """Calls a mixer with the arwkv signature. Packed documents become `cu_seqlens` over a flattened [1, B*T]
+    row so the recurrent state resets at every document start; padding goes in as the 2D mask."""
 
     def __init__(self, batch: Batch) -> None:
         pos = batch.get("position_ids")
         mask = batch.get("attention_mask")
         self.mask = mask if mask is not None and not bool(mask.bool().all()) else None
         self.cu_seqlens = None
-        if pos is not None and bool((pos[:, 1:] - pos[:, :-1] != 1).any()):
+        if pos is not None and self.mask is None and bool((pos[:, 1:] - pos[:, :-1] != 1).any()):
             b, t = pos.shape
             starts = torch.ones_like(pos, dtype=torch.bool)
             starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1  # every row also starts a document
             where = starts.reshape(-1).nonzero().squeeze(-1)
-            self.cu_seqlens = torch.cat([where, torch.tensor([b * t], device=pos.device)]).long()
+            self.cu_seqlens = torch.cat([where, where.new_tensor([b * t])])
 
     def __call__(self, mixer: nn.Module, x: Tensor, v_first: Tensor | None, pe: Any) -> tuple[Tensor, Tensor]:
         if self.cu_seqlens is None:
             out, v_first, _ = mixer(x, v_first=v_first, attention_mask=self.mask, position_embeddings=pe)
             return out, v_first
         b, t = x.shape[:2]
-        flat = lambda z: z.reshape(1, b * t, *z.shape[2:]) if z is not None and z.shape[:2] == (b, t) else z
-        pe = tuple(flat(p) for p in pe) if pe is not None else None
+        pe = tuple(p.expand(b, t, -1).reshape(1, b * t, -1) for p in pe) if pe is not None else None
         out, v_first, _ = mixer(
-            flat(x), v_first=v_first, attention_mask=None, cu_seqlens=self.cu_seqlens, position_embeddings=pe
+            x.reshape(1, b * t, -1),
+            v_first=v_first,
+            attention_mask=None,
+            cu_seqlens=self.cu_seqlens,
+            position_embeddings=pe,
         )
-        return out.reshape(b, t, *out.shape[2:]), v_first
+        return out.reshape(b, t, -1), v_first
 
 
 def run_align(

@@ -245,8 +245,13 @@ def load_checkpoint(
         set_model_state_dict(model, load_model_state(path), options=StateDictOptions(full_state_dict=True))
         if optimizer is not None:
             payload = torch.load(path / "optimizer.pt", weights_only=False)
+            # strict=False: a trainable tensor that never got a gradient (e.g. the value-residual gate of the
+            # first RWKV layer) has no AdamW state
             set_optimizer_state_dict(
-                model, optimizer, payload["optimizer"], options=StateDictOptions(full_state_dict=True)
+                model,
+                optimizer,
+                payload["optimizer"],
+                options=StateDictOptions(full_state_dict=True, strict=False),
             )
             if scheduler is not None and payload["scheduler"] is not None:
                 scheduler.load_state_dict(payload["scheduler"])

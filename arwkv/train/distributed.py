@@ -98,7 +98,9 @@ def wrap(module: nn.Module, env: DistEnv, strategy: str = "ddp") -> nn.Module:
     if strategy != "ddp":
         raise ValueError(f"unknown distributed strategy {strategy!r} (ddp or fsdp)")
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    # find_unused_parameters: some trainable tensors get no gradient (the first RWKV layer's value-residual
+    # gate has no v_first to mix in)
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

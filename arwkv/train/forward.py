@@ -26,11 +26,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     base = getattr(model, "model", None)
-    head = (
-        model.get_output_embeddings()
-        if hasattr(model, "get_output_embeddings")
-        else model.lm_head
-    )
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model.lm_head
     if base is None or head is None:
         raise TypeError(f"{type(model).__name__}: expected `.model` and an output embedding (lm_head)")
     return base, _SoftcappedHead(head, getattr(model.config, "final_logit_softcapping", None))

@@ -193,11 +193,11 @@ def train(
     if not param_groups:
         raise ConfigError(f"{desc}: nothing to train (every parameter is frozen)")
     params = [p for g in param_groups for p in g["params"]]
+    bases = [g["lr"] for g in param_groups]  # before the scheduler rewrites group["lr"] to the warmup value
     optimizer = torch.optim.AdamW(
         param_groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
     )
     scheduler = make_scheduler(optimizer, n_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.schedule)
-    bases = [g["lr"] for g in param_groups]
 
     step, tokens, wall = 0, 0, 0.0
     last = ckpt.latest_checkpoint(ckpt_dir) if resume else None
@@ -286,8 +286,11 @@ def train(
                     ckpt.set_rng_state(rng_before)
                     optimizer.zero_grad(set_to_none=True)
                     good = saved if saved_step == step else save(step)
-                    bad = (f"loss became {loss_value}" if not math.isfinite(loss_value)
-                           else f"gradient norm became {grad_norm}")
+                    bad = (
+                        f"loss became {loss_value}"
+                        if not math.isfinite(loss_value)
+                        else f"gradient norm became {grad_norm}"
+                    )
                     raise TrainingDivergedError(
                         f"{desc}: the {bad} at step {step + 1} (lr {optimizer.param_groups[0]['lr']:.3g}). "
                         f"The last good state is saved in {good}. Lower the learning rate ({desc}.lr=...) "

@@ -126,3 +126,35 @@ def teacher_corpus(teacher: LlamaForCausalLM, n: int = 32, seq_len: int = 16, se
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
             ids = torch.cat([ids, nxt], dim=1)
     return ids
+
+
+def real_pair(seed: int = 0, **options):
+    """(tiny random Llama teacher, arwkv student built from it with copy init, lm_head untied)."""
+    from arwkv.convert.build import build_student
+    from arwkv.convert.families import tiny_teacher as family_teacher
+
+    teacher = family_teacher("llama", seed=seed)
+    torch.manual_seed(seed + 1)
+    student = build_student(teacher, init="copy", untie_embeddings=True, **options).train()
+    return teacher, student
+
+
+def stage_cfg(**kw):
+    """A tiny StageConfig for loop tests."""
+    from arwkv.config import StageConfig
+
+    base = dict(
+        tokens=10_000,
+        max_steps=6,
+        seq_len=16,
+        batch_size=4,
+        lr=3e-3,
+        min_lr=1e-4,
+        warmup_steps=2,
+        ckpt_interval=2,
+        log_interval=1,
+        keep_checkpoints=3,
+        loss="kl",
+    )
+    base.update(kw)
+    return StageConfig(**base)

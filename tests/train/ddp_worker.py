@@ -1,0 +1,65 @@
+"""Worker for test_distributed.py: the same distillation run under `python` or `torchrun --nproc-per-node N`.
+
+Usage: ddp_worker.py OUT.json RUN_DIR GRAD_ACCUM
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(1)
+
+from toys import real_pair, stage_cfg  # noqa: E402
+
+from arwkv.recipes.distill import DistillTask  # noqa: E402
+from arwkv.train.distributed import cleanup, init_distributed  # noqa: E402
+from arwkv.train.loop import micro_batch_size, train  # noqa: E402
+from arwkv.train.stream import SequenceStream  # noqa: E402
+
+
+def corpus(n: int = 16, t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows with ragged right padding, so per-process means would differ from the global mean."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 100, (n, t), generator=g)
+    lengths = torch.randint(4, t + 1, (n,), generator=g)
+    mask = (torch.arange(t)[None] < lengths[:, None]).long()
+    return ids * mask, mask
+
+
+def main() -> None:
+    out, run_dir, grad_accum = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    env = init_distributed("cpu")
+    teacher, student = real_pair(0)
+    ids, mask = corpus()
+    cfg = stage_cfg(max_steps=4, batch_size=4, grad_accum=grad_accum, ckpt_interval=100, lr=1e-2)
+    data = SequenceStream(
+        ids,
+        micro_batch_size(cfg, env.world_size),
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=0,
+        extra={"attention_mask": mask},
+    )
+    res = train(DistillTask(student, teacher), data, cfg, run_dir, env=env)
+    if env.is_main:
+        weights = {k: v.double().sum().item() for k, v in student.state_dict().items()}
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "losses": [r["loss"] for r in res.history],
+                    "tokens": res.tokens,
+                    "world": env.world_size,
+                    "weights": weights,
+                }
+            )
+        )
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
