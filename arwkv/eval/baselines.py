@@ -23,8 +23,14 @@ from transformers.masking_utils import AttentionMaskInterface
 _BLOCK = 256  # queries per block; keys per block are sinks + window + block
 
 
-def sink_window_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, key_rank: torch.Tensor,
-                        key_real: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+def sink_window_allowed(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    key_rank: torch.Tensor,
+    key_real: torch.Tensor,
+    window: int,
+    sinks: int,
+) -> torch.Tensor:
     """[B, Q, K] bool: may query position q attend to key position k.
 
     key_rank: index of each key among its sequence's real tokens ([B, K]); key_real: key is not padding.
@@ -37,9 +43,19 @@ def sink_window_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, key_rank: torc
     return allowed | (k_pos[None, :] == q_pos[:, None])[None]
 
 
-def _sink_window_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           attention_mask: torch.Tensor | None, *, window: int, sinks: int,
-                           scaling: float | None = None, sliding_window: int | None = None, **kwargs):
+def _sink_window_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    window: int,
+    sinks: int,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
+):
     # query [B, Hq, T, D]; key/value [B, Hkv, S, D], S ≥ T when a cache holds earlier tokens.
     B, Hq, T, D = query.shape
     S = key.shape[2]
@@ -67,7 +83,8 @@ def _sink_window_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
         q_pos = torch.arange(q0, q1, device=query.device) + q_offset
         mask = sink_window_allowed(q_pos, keys, rank[:, keys], real[:, keys], window, sinks)
         out[:, :, q0:q1] = F.scaled_dot_product_attention(
-            query[:, :, q0:q1], key[:, :, keys], value[:, :, keys], attn_mask=mask[:, None], scale=scaling)
+            query[:, :, q0:q1], key[:, :, keys], value[:, :, keys], attn_mask=mask[:, None], scale=scaling
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -81,8 +98,9 @@ def register(window: int = 64, sinks: int = 4) -> str:
     name = f"arwkv_sink{sinks}_window{window}"
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        return _sink_window_attention(module, query, key, value, attention_mask, window=window, sinks=sinks,
-                                      **kwargs)
+        return _sink_window_attention(
+            module, query, key, value, attention_mask, window=window, sinks=sinks, **kwargs
+        )
 
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, _padding_mask_only)
@@ -115,11 +133,21 @@ class SinkWindowBaseline(nn.Module):
         self.impl = register(window, sinks)
         self.config = teacher.config
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int | torch.Tensor = 0, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ):
         with attention_implementation(self.teacher, self.impl):
-            return self.teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                logits_to_keep=logits_to_keep, **kwargs)
+            return self.teacher(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
 
     def extra_repr(self) -> str:
         return f"window={self.window}, sinks={self.sinks}"

@@ -1,9 +1,11 @@
 """Batched log-likelihood of (context, continuation) pairs, with lm-evaluation-harness conventions.
 
 Model-agnostic: anything whose `forward(input_ids=, attention_mask=)` returns `.logits` works (HF causal LMs,
-the arwkv student, the sliding-window baseline). Requests are tokenized the way lm-eval's `HFLM` does it:
-no special tokens; trailing whitespace of the context moves to the continuation; the continuation tokens are
-`tok(context + continuation)[len(tok(context)):]`; an empty context becomes the prefix token (BOS, else EOS).
+the arwkv student, the sliding-window baseline). Requests are tokenized the way lm-eval 0.4.13's `HFLM` does
+it: the tokenizer's own special-token default (a BOS for Llama-2 tokenizers, none for Qwen2/SmolLM2); trailing
+whitespace of the context moves to the continuation; the continuation tokens are
+`tok(context + continuation)[len(tok(context)):]`; an empty context becomes the prefix token (BOS, else EOS)
+in front of the continuation encoded without special tokens.
 Sequences are right-padded (safe for causal and recurrent models alike) and sorted longest first.
 """
 
@@ -36,14 +38,20 @@ def prefix_token_id(tokenizer) -> int:
     return int(tid)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _encode(tokenizer, text: str, add_special_tokens: bool | None = None) -> list[int]:
+    if add_special_tokens is None:
+        bos = tokenizer.bos_token
+        # Text that already starts with the BOS string must not get a second one (lm-eval's has_bos_prefix).
+        add_special_tokens = not (bos and text.startswith(bos))
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of (context, continuation) as lm-eval's `HFLM._encode_pair` produces them."""
+    """Token ids of (context, continuation) as lm-eval's `loglikelihood` / `_encode_pair` produce them."""
     if context == "":
-        return [prefix_token_id(tokenizer)], _encode(tokenizer, continuation)
+        cont = _encode(tokenizer, continuation, add_special_tokens=False)
+        prefix = prefix_token_id(tokenizer)
+        return ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
     # Trailing spaces belong to the continuation: BPE tokenizers glue a space to the following word.
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
@@ -51,7 +59,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     whole = _encode(tokenizer, context + continuation)
     ctx = _encode(tokenizer, context)
     # Encoding the whole string keeps the boundary merge the tokenizer would make in running text.
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 def model_max_length(model, default: int = 2048) -> int:
@@ -98,19 +106,19 @@ def score_tokens(
         if not cont:
             raise DataError(f"request {i}: the continuation encodes to no tokens")
         # lm-eval truncates from the left and never feeds the last continuation token.
-        inp = (ctx + cont)[-(max_length + 1):][:-1]
+        inp = (ctx + cont)[-(max_length + 1) :][:-1]
         rows.append((i, inp, cont))
     rows.sort(key=lambda r: (-len(r[1]), r[0]))
     out: list[LoglikResult | None] = [None] * len(rows)
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
+        batch = rows[start : start + batch_size]
         T = len(batch[0][1])
         ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), T), dtype=torch.long)
         for b, (_, inp, _) in enumerate(batch):
-            ids[b, :len(inp)] = torch.tensor(inp)
-            mask[b, :len(inp)] = 1
+            ids[b, : len(inp)] = torch.tensor(inp)
+            mask[b, : len(inp)] = 1
         # First logit position any row needs: skipping the LM head elsewhere saves ~20% on small models.
         first = min(len(inp) - len(cont) for _, inp, cont in batch)
         kwargs = {"logits_to_keep": T - first} if use_keep else {}
@@ -118,7 +126,7 @@ def score_tokens(
         offset = T - logits.shape[1]
         for b, (i, inp, cont) in enumerate(batch):
             lo = len(inp) - len(cont) - offset
-            sl = logits[b, lo:lo + len(cont)].float().log_softmax(-1)
+            sl = logits[b, lo : lo + len(cont)].float().log_softmax(-1)
             target = torch.tensor(cont, device=sl.device)
             lp = sl.gather(-1, target[:, None]).sum().item()
             greedy = bool((sl.argmax(-1) == target).all().item())
@@ -141,5 +149,6 @@ def loglikelihood(
     """Log-likelihood of each continuation given its context (lm-eval `loglikelihood` semantics)."""
     pairs = [encode_pair(tokenizer, c, x) for c, x in requests]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return score_tokens(model, pairs, batch_size=batch_size, max_length=max_length, pad_id=pad,
-                        progress=progress, desc=desc)
+    return score_tokens(
+        model, pairs, batch_size=batch_size, max_length=max_length, pad_id=pad, progress=progress, desc=desc
+    )

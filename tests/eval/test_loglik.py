@@ -87,5 +87,5 @@ def test_left_truncation_keeps_the_continuation():
     ctx, cont = list(range(1, 40)), [3, 4, 5]
     (r,) = score_tokens(model, [(ctx, cont)], max_length=10, progress=False)
     # lm-eval feeds the last max_length+1 tokens minus the final one
-    lp, _ = manual(model, ctx[-(10 + 1 - len(cont)):], cont)
+    lp, _ = manual(model, ctx[-(10 + 1 - len(cont)) :], cont)
     assert math.isclose(r.logprob, lp, rel_tol=1e-5)

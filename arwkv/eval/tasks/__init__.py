@@ -39,8 +39,10 @@ def get_task(name: str) -> Task:
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
-        raise DataError(f"evaluation file {path} is missing; point ARWKV_EVAL_DIR (or data_dir) at "
-                        "the folder holding the sets (../shared/eval)")
+        raise DataError(
+            f"evaluation file {path} is missing; point ARWKV_EVAL_DIR (or data_dir) at "
+            "the folder holding the sets (../shared/eval)"
+        )
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 

@@ -26,8 +26,13 @@ def load(data_dir: Path) -> list[dict]:
     docs = []
     for raw in read_jsonl(data_dir / "hellaswag" / "hellaswag_val_sample1000.jsonl"):
         ctx = raw["ctx_a"] + " " + raw["ctx_b"].capitalize()
-        docs.append({"query": clean(raw["activity_label"] + ": " + ctx),
-                     "choices": [clean(e) for e in raw["endings"]], "gold": int(raw["label"])})
+        docs.append(
+            {
+                "query": clean(raw["activity_label"] + ": " + ctx),
+                "choices": [clean(e) for e in raw["endings"]],
+                "gold": int(raw["label"]),
+            }
+        )
     return docs
 
 

@@ -26,6 +26,11 @@ def process(doc: dict, results: list[LoglikResult]) -> dict[str, float]:
     return {"acc": float(r.is_greedy), "perplexity": r.logprob}
 
 
-TASK = Task("lambada_openai", load, requests, process,
-            aggregation={"acc": "mean", "perplexity": "perplexity"},
-            higher_is_better={"acc": True, "perplexity": False})
+TASK = Task(
+    "lambada_openai",
+    load,
+    requests,
+    process,
+    aggregation={"acc": "mean", "perplexity": "perplexity"},
+    higher_is_better={"acc": True, "perplexity": False},
+)
