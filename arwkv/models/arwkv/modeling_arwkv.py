@@ -43,10 +43,14 @@ TEACHER_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "q
 # o_t = S_tᵀ r_t.
 
 
+# fmt: off
 # <wkv7-chunked>
 # RWKV-7 WKV, chunked form. Copied from arwkv/ops/wkv7/chunked.py (derivation: arwkv/ops/wkv7/README.md).
 # Precondition (checked by arwkv.ops.wkv7, not here): chunk_size * max(-w) <= 40, i.e. any chunk_size <= 64
 # for RWKV-7's clamped log-decay w >= -0.6065. Beyond it the factorized exponents overflow fp32.
+
+
+_WKV7_GROUP_ROWS = 8192
 
 
 def _wkv7_schedule(offsets: list[int], C: int, H: int, device: torch.device):
@@ -112,7 +116,7 @@ def wkv7_chunked(
     Returns (o [B, T, H, V] in v's dtype, final state in fp32 (fp64 for fp64 inputs) or None).
     """
     B, T, H, K = r.shape
-    V, out_dtype = v.shape[-1], v.dtype
+    V, out_dtype, dev = v.shape[-1], v.dtype, r.device
     C = int(chunk_size)
     cdt = (
         torch.float64
@@ -120,59 +124,74 @@ def wkv7_chunked(
         else torch.float32
     )
     offsets = cu_seqlens.tolist() if cu_seqlens is not None else [i * T for i in range(B + 1)]
-    active, order, src, dst, unsort, pad = _wkv7_schedule(offsets, C, H, r.device)
+    active, order, src, dst, unsort, pad = _wkv7_schedule(offsets, C, H, dev)
     M, N = sum(active), len(offsets) - 1
 
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [M, H, C, D]
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [M * H, C, D], step-major chunks
         x = x.reshape(-1, x.shape[-1])
         if pad:
             x = torch.cat([x, x.new_zeros(H, x.shape[-1])])
-        return x.index_select(0, src).view(M, H, C, -1).to(cdt)
+        return x.index_select(0, src).view(M * H, C, -1).to(cdt)
 
-    g, r, k, v, a, b = chunks(w), chunks(r), chunks(k), chunks(v), chunks(a), chunks(b)
-    # exponents relative to the chunk start (README §3.3): γ inclusive cumsum, γ⁻ = γ - g, γ_C chunk total
-    gam = g.cumsum(-2)
-    gC = gam[..., -1:, :]
-    rt = r * (gam.exp() * scale)
-    at = a * (gam - g).exp()
-    ein = (-gam).exp()
-    X = torch.cat([k * ein, b * ein], -2)
-    tail = (gC - gam).exp()
-    above = torch.ones(C, C, dtype=torch.bool, device=r.device).triu(1)
-    Aq = (rt @ X.mT).masked_fill(torch.cat([above, above], 1), 0)  # [A_qk | A_qb], j <= i
-    diag_up = above | torch.eye(C, dtype=torch.bool, device=r.device)
-    Aa = (at @ X.mT).masked_fill(torch.cat([diag_up, diag_up], 1), 0)  # [A_ak | A_ab], j < i
-    W, U0 = (_wkv7_inv_unit_lower(Aa[..., C:]) @ torch.cat([at, Aa[..., :C] @ v], -1)).split([K, V], -1)
-    KV = (k * tail).mT @ v  # K̂ᵀ V
-    bT = (b * tail).mT  # B̂ᵀ
-    dC = gC.mT.exp()  # e^{γ_C} per key row
-
+    g_all, r_all, k_all, v_all, a_all, b_all = (chunks(x) for x in (w, r, k, v, a, b))
+    above = torch.ones(C, C, dtype=torch.bool, device=dev).triu(1)
+    strict = above | torch.eye(C, dtype=torch.bool, device=dev)
+    mask = torch.cat([torch.cat([above, above], 1), torch.cat([strict, strict], 1)])  # j > i / j >= i
     if initial_state is None:
-        h = r.new_zeros(N, H, K, V)
+        h = torch.zeros(N * H, K, V, dtype=cdt, device=dev)
     else:
-        h = initial_state.to(cdt).index_select(0, torch.tensor(order, device=r.device))
-    finished, hs, us = [], [], []
-    split = lambda x: torch.split(x, active)  # views; backward is one cat, not a zero-filled copy per step
-    for n, (W_n, U0_n, KV_n, bT_n, dC_n) in enumerate(
-        zip(split(W), split(U0), split(KV), split(bT), split(dC), strict=True)
-    ):
-        if active[n] < h.shape[0]:
-            finished.append(h[active[n] :])
-            h = h[: active[n]]
-        U_n = U0_n + W_n @ h
-        hs.append(h)
-        us.append(U_n)
-        h = dC_n * h + KV_n + bT_n @ U_n
+        h = initial_state.to(cdt).index_select(0, torch.tensor(order, device=dev)).view(N * H, K, V)
+    finished, outs = [], []
+    # Steps are processed in groups of about _WKV7_GROUP_ROWS (chunk, head, position) rows so that every
+    # intermediate stays small (cache-resident, no page faults for fresh large allocations).
+    n0, m0 = 0, 0
+    while n0 < len(active):
+        n1, rows = n0, 0
+        while n1 < len(active) and (n1 == n0 or rows + active[n1] * H * C <= _WKV7_GROUP_ROWS):
+            rows += active[n1] * H * C
+            n1 += 1
+        m1 = m0 + rows // C
+        g, r, k, v, a, b = (x[m0:m1] for x in (g_all, r_all, k_all, v_all, a_all, b_all))
+        # exponents relative to the chunk start (README §3.3): γ inclusive cumsum, γ⁻ = γ - g
+        gam = g.cumsum(-2)
+        e = gam.exp()
+        ein = e.reciprocal()
+        eC = e[:, -1:, :]
+        rt = r * e if scale == 1.0 else r * e * scale
+        at = a * (gam - g).exp()
+        kin, bin_ = k * ein, b * ein
+        L = (torch.cat([rt, at], 1) @ torch.cat([kin, bin_], 1).mT).masked_fill(mask, 0)
+        Aqk, Aqb, Aak, Aab = L[:, :C, :C], L[:, :C, C:], L[:, C:, :C], L[:, C:, C:]
+        W, U0 = (_wkv7_inv_unit_lower(Aab) @ torch.cat([at, Aak @ v], -1)).split([K, V], -1)
+        KV = (kin * eC).mT @ v  # K̂ᵀ V
+        bT = (bin_ * eC).mT  # B̂ᵀ
+        dC = eC.mT
+        hs, us = [], []
+        sizes = [n * H for n in active[n0:n1]]
+        for i, (W_n, U0_n, KV_n, bT_n, dC_n) in enumerate(
+            zip(*(torch.split(x, sizes) for x in (W, U0, KV, bT, dC)), strict=True)
+        ):
+            if sizes[i] < h.shape[0]:  # sequences that ended: keep their final state
+                finished.append(h[sizes[i] :])
+                h = h[: sizes[i]]
+            U_n = torch.baddbmm(U0_n, W_n, h)
+            hs.append(h)
+            us.append(U_n)
+            h = torch.baddbmm(KV_n, bT_n, U_n).addcmul_(dC_n, h)
+        Hp, U = (torch.cat(hs), torch.cat(us)) if len(hs) > 1 else (hs[0], us[0])
+        outs.append(torch.baddbmm(torch.baddbmm(Aqk @ v, rt, Hp), Aqb, U))
+        n0, m0 = n1, m1
     finished.append(h)
-    O = rt @ torch.cat(hs) + Aq @ torch.cat([v, torch.cat(us)], -2)  # [M, H, C, V]
-    o = O.reshape(-1, V).index_select(0, dst).view(B, T, H, V).to(out_dtype)
+    O = torch.cat(outs) if len(outs) > 1 else outs[0]  # [M * H, C, V]
+    o = O.view(-1, V).index_select(0, dst).view(B, T, H, V).to(out_dtype)
     final = None
     if output_final_state:
-        final = torch.cat(finished[::-1]).index_select(0, unsort)
+        final = torch.cat(finished[::-1]).view(N, H, K, V).index_select(0, unsort)
     return o, final
 
 
 # </wkv7-chunked>
+# fmt: on
 
 
 def wkv7_step(r, w, k, v, a, b, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -487,8 +506,9 @@ class ArwkvTimeMix(nn.Module):
             rope = lambda t: t * cos + rotate_half(t) * sin
             r, k = self._per_teacher_head(rope, r), self._per_teacher_head(rope, k)
         # decay in fp32 log space: near-1 decays would round to 1 in bf16 (rwkv7-operator.md §5.3)
+        f32 = torch.promote_types(xw.dtype, torch.float32)  # fp32, or fp64 in reference tests
         log_w = DECAY_SCALE * torch.sigmoid(
-            self.w0.float() + torch.tanh(xw.float() @ self.w1.float()) @ self.w2.float()
+            self.w0.to(f32) + torch.tanh(xw.to(f32) @ self.w1.to(f32)) @ self.w2.to(f32)
         )
         if self.is_first:
             v_first = v
@@ -500,29 +520,16 @@ class ArwkvTimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1)  # removal key κ̂
         k = k * (1 + (eta - 1) * self.k_a)  # replacement key k̃
 
-        k_in, v_in, b_in = k, v, kk * eta.view(B, T, H, N)
-        if mask is not None:  # padded tokens: no decay, no write, no removal
-            keep = mask[..., None]
-            k_in, v_in, log_w = k * keep, v * keep, log_w * keep
-            b_in = b_in * keep[..., None]
-        o, new_wkv = wkv7(
-            r.view(B, T, H, N),
-            log_w.view(B, T, H, N),
-            k_in.view(B, T, H, N),
-            v_in.view(B, T, H, N),
-            -kk,
-            b_in,
-            wkv_state,
-            cu_seqlens,
-            self.backend,
-            self.chunk_size,
-        )
+        rh, kh, vh = r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N)
+        inputs = [rh, log_w.view(B, T, H, N), kh, vh, -kk, kk * eta.view(B, T, H, N)]
+        if mask is not None:  # padded tokens: no decay, no write, no removal (`where`: pads may hold inf)
+            keep = mask[:, :, None, None]
+            inputs = [torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in inputs]
+        o, new_wkv = wkv7(*inputs, wkv_state, cu_seqlens, self.backend, self.chunk_size)
         o = o.reshape(B, T, -1)
         if self.ln_x is not None:
             o = self.ln_x(o.reshape(B * T, -1)).view(B, T, -1)
-        bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(-1, keepdim=True) * v.view(
-            B, T, H, N
-        )
+        bonus = (rh * kh * self.r_k).sum(-1, keepdim=True) * vh  # uses k̃ and the residual-mixed v
         o = o + bonus.reshape(B, T, -1)
         if hasattr(self, "g1"):
             o = o * (torch.sigmoid(xg @ self.g1) @ self.g2)
