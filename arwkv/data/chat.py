@@ -8,12 +8,13 @@ the loss: logits[:, t] predict input_ids[:, t+1] and count when loss_mask[:, t+1
 Two ways to find the assistant tokens:
 
 * `"generation"`: templates with `{% generation %}` blocks; transformers' `return_assistant_tokens_mask`.
-* `"search"`: any template. The full conversation is rendered once; each reply's content is located in that
-  string after the previous reply, extended back to the end of the generation prompt
-  (`add_generation_prompt=True` rendering minus the plain rendering) and forward over the end-of-turn text
-  the template writes after a final assistant turn. Unlike a prefix diff of partial renderings, this also
-  works for templates that render earlier turns differently from the last one (Qwen3 drops reasoning
-  from history). Token i is an assistant token when its first character lies inside a reply span.
+* `"search"`: any template. The full conversation is rendered once; each message's content is located in
+  that string after the previous one's, and each reply's span is extended back to the end of the
+  generation prompt (`add_generation_prompt=True` rendering minus the plain rendering) and forward over
+  the end-of-turn text the template writes after a final assistant turn. Unlike a prefix diff of partial
+  renderings, this also works for templates that render earlier turns differently from the last one
+  (Qwen3 drops reasoning from history). Token i is an assistant token when its first character lies
+  inside a reply span.
 
 `"auto"` uses `"generation"` when the template has the tags, else `"search"`.
 """
@@ -93,9 +94,12 @@ def _assistant_spans(tokenizer, messages: list[dict[str, Any]], text: str,
                      kw: dict[str, Any]) -> list[tuple[int, int]]:
     spans, cursor = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
         body = m["content"].strip()
+        if m["role"] != "assistant":
+            # step over the other turns' text too, so a reply that also occurs in a prompt is found in place
+            k = text.find(body, cursor) if body else -1
+            cursor = k + len(body) if k >= 0 else cursor
+            continue
         j = text.find(body, cursor)
         if j < 0:
             raise DataError(
