@@ -86,12 +86,10 @@ class AlignTask(nn.Module):
         outs: dict[int, Tensor] = {}
         rwkv = [i for i in self.layers if i in self.rwkv]
         inputs = {i: _attn_input(*io[i][:2]).detach() for i in rwkv}
-        if hasattr(
-            self.student, "mixer_outputs"
-        ):  # the arwkv student: its own packing / RoPE / v_first rules
-            mask = batch.get("attention_mask")
-            mask = mask if mask is not None and not bool(mask.bool().all()) else None
-            outs.update(self.student.mixer_outputs(inputs, mask, batch.get("position_ids")))
+        if hasattr(self.student, "mixer_outputs"):
+            # the arwkv student applies its own packing / RoPE / v_first rules
+            kw = model_inputs(batch, recurrent=True)
+            outs.update(self.student.mixer_outputs(inputs, kw["attention_mask"], kw["position_ids"]))
         else:
             outs.update(
                 _generic_mixers(s_layers, inputs, batch, {i: io[i][1] for i in rwkv}, self.grad_checkpointing)
@@ -141,11 +139,10 @@ class _MixerCall:
     row so the recurrent state resets at every document start; padding goes in as the 2D mask."""
 
     def __init__(self, batch: Batch) -> None:
-        pos = batch.get("position_ids")
-        mask = batch.get("attention_mask")
-        self.mask = mask if mask is not None and not bool(mask.bool().all()) else None
+        kw = model_inputs(batch, recurrent=True)
+        pos, self.mask = kw["position_ids"], kw["attention_mask"]
         self.cu_seqlens = None
-        if pos is not None and self.mask is None and bool((pos[:, 1:] - pos[:, :-1] != 1).any()):
+        if self.mask is None and bool((pos[:, 1:] - pos[:, :-1] != 1).any()):
             b, t = pos.shape
             starts = torch.ones_like(pos, dtype=torch.bool)
             starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1  # every row also starts a document

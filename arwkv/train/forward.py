@@ -7,6 +7,8 @@ helpers return `(hidden [B, T, C], head)` instead of logits. Batches follow the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -44,8 +46,14 @@ class _SoftcappedHead(nn.Module):
         return z if not self.cap else torch.tanh(z / self.cap) * self.cap
 
 
-def _has_padding(batch: Batch) -> bool:
-    return "attention_mask" in batch and not bool(batch["attention_mask"].bool().all())
+def _needs_mask(batch: Batch) -> bool:
+    """A mask is needed only for padding that precedes real tokens: right padding cannot change the outputs
+    at real positions of a causal model, and its loss is masked anyway."""
+    m = batch.get("attention_mask")
+    if m is None:
+        return False
+    m = m.bool()
+    return bool((m[:, 1:] & ~m[:, :-1]).any())  # a real token after a padded one
 
 
 def _is_packed(position_ids: Tensor) -> bool:
@@ -67,29 +75,23 @@ def packed_padding_mask(position_ids: Tensor, attention_mask: Tensor, dtype: tor
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def model_inputs(
-    batch: Batch, dtype: torch.dtype = torch.float32, recurrent: bool = False
-) -> dict[str, Tensor | None]:
+def model_inputs(batch: Batch, dtype: torch.dtype = torch.float32, recurrent: bool = False) -> dict[str, Any]:
     """kwargs for an HF decoder forward.
 
-    The arwkv student (`recurrent`) takes the 2D mask and resets its state where `position_ids` restart. For a
-    softmax teacher without padding, the attention mask is dropped so transformers derives the block-diagonal
-    mask of packed
-    documents from `position_ids`; with padding *and* packing an explicit additive 4D mask carries both.
+    Without left or inner padding the mask is dropped, so packed documents are found from `position_ids`
+    (transformers' rule, which the arwkv student follows too: its state resets there). Otherwise the student
+    (`recurrent`) takes the 2D mask; a softmax teacher gets an additive 4D mask when rows are also packed.
     """
     ids = batch["input_ids"]
     pos = batch.get("position_ids")
     if pos is None:
         pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    if not _has_padding(batch):
+    if not _needs_mask(batch):
         return {"input_ids": ids, "position_ids": pos, "attention_mask": None}
+    mask = batch["attention_mask"]
     if _is_packed(pos) and not recurrent:
-        return {
-            "input_ids": ids,
-            "position_ids": pos,
-            "attention_mask": packed_padding_mask(pos, batch["attention_mask"], dtype),
-        }
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": batch["attention_mask"]}
+        mask = packed_padding_mask(pos, mask, dtype)
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
 
 
 def hidden_states(model: nn.Module, batch: Batch) -> tuple[Tensor, nn.Module]:

@@ -6,7 +6,7 @@ plain top-1 is a poor metric for a high-entropy teacher). Logits are formed a ch
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -75,3 +75,14 @@ def heldout_metrics(
             confident_frac=sums["confident"] / n,
         )
     return out
+
+
+def iter_batches(tensors: dict[str, torch.Tensor], batch_size: int) -> Iterator[Batch]:
+    """Fixed, unshuffled batches over every row of a dict of [N, T] tensors (held-out sets)."""
+    n = tensors["input_ids"].shape[0]
+    for i in range(0, n, batch_size):
+        b = {k: v[i : i + batch_size] for k, v in tensors.items()}
+        ids = b["input_ids"]
+        b.setdefault("attention_mask", torch.ones_like(ids))
+        b.setdefault("position_ids", torch.arange(ids.shape[1]).expand_as(ids).contiguous())
+        yield b

@@ -16,35 +16,28 @@ torch.set_num_threads(1)
 
 from toys import real_pair, stage_cfg  # noqa: E402
 
+from arwkv.data.packing import PackedCorpus, PackedLoader  # noqa: E402
 from arwkv.recipes.distill import DistillTask  # noqa: E402
 from arwkv.train.distributed import cleanup, init_distributed  # noqa: E402
 from arwkv.train.loop import micro_batch_size, train  # noqa: E402
-from arwkv.train.stream import SequenceStream  # noqa: E402
 
 
-def corpus(n: int = 16, t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows with ragged right padding, so per-process means would differ from the global mean."""
+def corpus(n: int = 24, t: int = 16) -> PackedCorpus:
+    """Documents of ragged length kept whole: rows hold several documents plus tail padding, so per-process
+    token means would differ from the global mean."""
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 100, (n, t), generator=g)
-    lengths = torch.randint(4, t + 1, (n,), generator=g)
-    mask = (torch.arange(t)[None] < lengths[:, None]).long()
-    return ids * mask, mask
+    lengths = torch.randint(3, t + 1, (n,), generator=g)
+    return PackedCorpus.from_sequences(ids, lengths=lengths.tolist(), whole=True)
 
 
 def main() -> None:
     out, run_dir, grad_accum = sys.argv[1], sys.argv[2], int(sys.argv[3])
     env = init_distributed("cpu")
     teacher, student = real_pair(0)
-    ids, mask = corpus()
     cfg = stage_cfg(max_steps=4, batch_size=4, grad_accum=grad_accum, ckpt_interval=100, lr=1e-2)
-    data = SequenceStream(
-        ids,
-        micro_batch_size(cfg, env.world_size),
-        rank=env.rank,
-        world_size=env.world_size,
-        seed=0,
-        extra={"attention_mask": mask},
-    )
+    mb = micro_batch_size(cfg, env.world_size)
+    data = PackedLoader(corpus(), mb, rank=env.rank, world_size=env.world_size, seed=0)
     res = train(DistillTask(student, teacher), data, cfg, run_dir, env=env)
     if env.is_main:
         weights = {k: v.double().sum().item() for k, v in student.state_dict().items()}

