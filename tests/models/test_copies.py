@@ -1,0 +1,33 @@
+"""The WKV kernel inlined in the student's modeling file is a verbatim copy of arwkv/ops/wkv7/chunked.py."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("check_copies", REPO / "tools" / "check_copies.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inlined_wkv_kernel_matches_ops():
+    tool = load_tool()
+    source = tool.extract(tool.SOURCE)
+    assert "def wkv7_chunked(" in source
+    assert source == tool.extract(tool.TARGET), "run `python tools/check_copies.py --fix`"
+
+
+def test_fix_rewrites_a_stale_copy(tmp_path):
+    tool = load_tool()
+    target = tmp_path / "modeling.py"
+    target.write_text(f"head\n{tool.BEGIN}\nstale = 1\n{tool.END}\ntail\n")
+    assert not tool.check(tool.SOURCE, target)
+    assert tool.fix(tool.SOURCE, target) and tool.check(tool.SOURCE, target)
+    text = target.read_text()
+    assert text.startswith("head\n") and text.endswith(f"{tool.END}\ntail\n") and "stale" not in text
+    assert tool.main([]) in (0, 1)  # the CLI runs on the real files
