@@ -266,3 +266,28 @@ def run_eval(
 
 def load_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def run_long_context_eval(
+    model_specs: Sequence[str],
+    out_dir: str | Path = "runs/eval",
+    *,
+    names: Sequence[str] | None = None,
+    lengths: Sequence[int] = (1024, 2048, 4096),
+    depths: Sequence[float] = (0.0, 0.5, 1.0),
+    trials: int = 1,
+    text_file: str | Path | None = None,
+    context_length: int = 2048,
+    max_windows: int | None = 4,
+    swa_window: int = 64,
+    swa_sinks: int = 4,
+    progress: bool = True,
+) -> dict:
+    """Passkey grid and loss-by-position for each spec; writes long_context.{json,md,png} in `out_dir`."""
+    from arwkv.eval.long_context import run_long_context
+
+    torch.set_grad_enabled(False)
+    models = load_models(model_specs, names=names, swa_window=swa_window, swa_sinks=swa_sinks)
+    text = Path(text_file or default_text_file()).read_text(encoding="utf-8")
+    return run_long_context(models, out_dir, text=text, lengths=lengths, depths=depths, trials=trials,
+                            context_length=context_length, max_windows=max_windows, progress=progress)
