@@ -86,7 +86,9 @@ class AlignTask(nn.Module):
         outs: dict[int, Tensor] = {}
         rwkv = [i for i in self.layers if i in self.rwkv]
         inputs = {i: _attn_input(*io[i][:2]).detach() for i in rwkv}
-        if hasattr(self.student, "mixer_outputs"):
+        if not inputs:
+            pass  # only kept softmax layers were asked for
+        elif hasattr(self.student, "mixer_outputs"):
             # the arwkv student applies its own packing / RoPE / v_first rules
             kw = model_inputs(batch, recurrent=True)
             outs.update(self.student.mixer_outputs(inputs, kw["attention_mask"], kw["position_ids"]))
