@@ -15,11 +15,16 @@ import torch
 # for RWKV-7's clamped log-decay w >= -0.6065. Beyond it the factorized exponents overflow fp32.
 
 
+_WKV7_GROUP_ROWS = 4096
+
+
 def _wkv7_schedule(offsets: list[int], C: int, H: int, device: torch.device):
     """Chunk order for sequences [offsets[i], offsets[i+1]) of one flat token axis.
 
     Chunks are laid out step-major (all first chunks, then all second chunks, ...) over the sequences sorted
     longest first, so sequential step n is one contiguous slice of the `active[n]` still-running sequences.
+    Returns `rows`: for each (chunk, head, position) row, its row in x.reshape(tokens * H, D) (padding rows
+    point at row 0), `valid` (None when there is no padding), `dst` (the inverse map) and `order` / `unsort`.
     """
     N = len(offsets) - 1
     nch = [-(-(offsets[i + 1] - offsets[i]) // C) for i in range(N)]
@@ -38,17 +43,22 @@ def _wkv7_schedule(offsets: list[int], C: int, H: int, device: torch.device):
     ends = torch.tensor([offsets[s + 1] for s in order], dtype=torch.long)
     step = torch.repeat_interleave(torch.arange(steps), act)
     slot = torch.arange(M) - torch.repeat_interleave(act.cumsum(0) - act, act)
-    tok = (starts[slot] + step * C)[:, None] + torch.arange(C)  # [M, C] token of each chunk row
-    valid = tok < ends[slot][:, None]
-    # gather rows of x.reshape(total * H, D) into [M, H, C, D]; padding reads zero rows appended at `total`
-    src = torch.where(valid, tok, total)[:, None, :] * H + torch.arange(H)[None, :, None]
-    base = torch.empty(total, dtype=torch.long)
-    base[tok[valid]] = (torch.arange(M)[:, None] * (H * C) + torch.arange(C))[valid]
-    dst = base[:, None] + torch.arange(H) * C  # [total, H] row of each (token, head) in [M, H, C, V]
+    tok = (starts[slot] + step * C)[:, None, None] + torch.arange(C)  # [M, 1, C] token of each chunk row
+    valid = (tok < ends[slot][:, None, None]).expand(M, H, C).flatten()
+    rows = (torch.where(tok < total, tok, 0) * H + torch.arange(H)[:, None]).flatten()  # [M * H * C]
+    dst = torch.empty(total * H, dtype=torch.long)
+    dst[rows[valid]] = torch.arange(M * H * C)[valid]
     unsort = torch.empty(N, dtype=torch.long)
     unsort[torch.tensor(order, dtype=torch.long)] = torch.arange(N)
-    pad = not bool(valid.all())
-    return active, order, src.flatten().to(device), dst.flatten().to(device), unsort.to(device), pad
+    valid = None if bool(valid.all()) else valid.to(device)
+    return (
+        active,
+        torch.tensor(order, device=device),
+        rows.to(device),
+        valid,
+        dst.to(device),
+        unsort.to(device),
+    )
 
 
 def _wkv7_inv_unit_lower(A: torch.Tensor) -> torch.Tensor:
@@ -58,6 +68,95 @@ def _wkv7_inv_unit_lower(A: torch.Tensor) -> torch.Tensor:
         A = A @ A
         P = P + P @ A
     return P
+
+
+def _wkv7_fwd(g, r, k, v, a, b, h_in, sizes: list[int], scale: float, mask: torch.Tensor, save: bool):
+    """One group of chunk steps. Inputs [P, C, D] (P = chunk-heads, step-major, `sizes` per step), h_in
+    [sizes[0], K, V]. Returns O [P, C, V], h_out [sizes[0], K, V] (state after each slot's last step here)."""
+    C, K, V = g.shape[1], g.shape[2], v.shape[2]
+    # exponents relative to the chunk start (README §3.3): γ inclusive cumsum, γ⁻ = γ - g
+    gam = g.cumsum(1)
+    e = gam.exp()
+    ein = e.reciprocal()
+    em = (gam - g).exp()
+    dC = e[:, -1:, :].mT  # e^{γ_C} per key row
+    left = torch.cat([r * e if scale == 1.0 else r * e * scale, a * em], 1)  # [r̃; ã]
+    right = torch.cat([k * ein, b * ein], 1)  # [k e^{-γ}; b e^{-γ}]
+    L = (left @ right.mT).masked_fill_(mask, 0)  # [[A_qk, A_qb], [A_ak, A_ab]]
+    Tm = _wkv7_inv_unit_lower(L[:, C:, C:])
+    WU0 = Tm @ torch.cat([left[:, C:], L[:, C:, :C] @ v], -1)
+    W, U0 = WU0[..., :K], WU0[..., K:]
+    bT = right[:, C:].mT * dC  # B̂ᵀ
+    KV = (right[:, :C].mT * dC) @ v  # K̂ᵀ V
+    U, Hp = torch.empty_like(U0), torch.empty(g.shape[0], K, V, dtype=g.dtype, device=g.device)
+    h_out, bufs = torch.empty_like(h_in), (torch.empty_like(h_in), torch.empty_like(h_in))
+    h = h_in
+    for i, (W_i, U0_i, KV_i, bT_i, dC_i, U_i, Hp_i) in enumerate(
+        zip(*(torch.split(x, sizes) for x in (W, U0, KV, bT, dC, U, Hp)), strict=True)
+    ):
+        n = sizes[i]
+        if n < h.shape[0]:  # these sequences ended at the previous step
+            h_out[n : h.shape[0]].copy_(h[n:])
+            h = h[:n]
+        Hp_i.copy_(h)
+        torch.baddbmm(U0_i, W_i, h, out=U_i)
+        h = torch.baddbmm(KV_i, bT_i, U_i, out=bufs[i % 2][:n]).addcmul_(dC_i, Hp_i)
+    h_out[: h.shape[0]].copy_(h)
+    O = torch.baddbmm(torch.baddbmm(L[:, :C, :C] @ v, left[:, :C], Hp), L[:, :C, C:], U)
+    saved = (e, em, ein, left, right, v, L, Tm, WU0, U, Hp, dC) if save else None
+    return O, h_out, saved
+
+
+def _wkv7_bwd(saved, dO, dh_out, sizes: list[int], scale: float, mask: torch.Tensor):
+    """Gradients of _wkv7_fwd (README §4): a reverse state loop, then batched matmuls."""
+    e, em, ein, left, right, v, L, Tm, WU0, U, Hp, dC = saved
+    C, K = v.shape[1], Hp.shape[1]
+    rt, at, kin, bin_ = left[:, :C], left[:, C:], right[:, :C], right[:, C:]
+    W = WU0[..., :K]
+    dU_loc = L[:, :C, C:].mT @ dO
+    dh_O = rt.mT @ dO
+    dX, dU = torch.empty_like(Hp), torch.empty_like(U)
+    dh = dh_out[: sizes[-1]]
+    for i in reversed(range(len(sizes))):
+        n, lo = sizes[i], sum(sizes[:i])
+        if dh.shape[0] < n:  # sequences whose last step here was step i
+            dh = torch.cat([dh, dh_out[dh.shape[0] : n]])
+        dX_i, dU_i = dX[lo : lo + n], dU[lo : lo + n]
+        torch.mul(dh, dC[lo : lo + n], out=dX_i)
+        torch.baddbmm(dU_loc[lo : lo + n], bin_[lo : lo + n], dX_i, out=dU_i)
+        dh = torch.baddbmm(dh_O[lo : lo + n], W[lo : lo + n].mT, dU_i).add_(dX_i)
+    if dh.shape[0] < dh_out.shape[0]:  # empty sequences: final state = initial state
+        dh = torch.cat([dh, dh_out[dh.shape[0] :]])
+    VU = torch.cat([v, U], 1)
+    Z = VU @ dX.mT  # [v dXᵀ; U dXᵀ]: the state update's share of d(k e^{-γ}), d(b e^{-γ})
+    dgC = (dX * Hp).sum(-1) + (right * Z).sum(1)  # direct dependence of the state on γ_C
+    dY = Tm.mT @ torch.cat([dU @ Hp.mT, dU], -1)  # through W = T ã and U⁰ = T A_ak v
+    dL = torch.cat([dO @ VU.mT, torch.cat([dY[..., K:] @ v.mT, dY @ WU0.mT], -1)], 1).masked_fill_(mask, 0)
+    dleft = dL @ right
+    dright = torch.baddbmm(Z, dL.mT, left)
+    drt = torch.baddbmm(dleft[:, :C], dO, Hp.mT)
+    dat = dleft[:, C:] + dY[..., :K]
+    dkin, dbin = dright[:, :C], dright[:, C:]
+    dv = torch.baddbmm(L[:, :, :C].mT @ torch.cat([dO, dY[..., K:]], 1), kin, dX)
+    dgam = drt * rt + dat * at - dkin * kin - dbin * bin_
+    dgam[:, -1] += dgC
+    dg = dgam.flip(1).cumsum(1).flip(1) - dat * at
+    dr = drt * e if scale == 1.0 else drt * e * scale
+    return dg, dr, dkin * ein, dv, dat * em, dbin * ein, dh
+
+
+class _Wkv7Group(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, r, k, v, a, b, h_in, sizes, scale, mask):
+        O, h_out, saved = _wkv7_fwd(g, r, k, v, a, b, h_in, sizes, scale, mask, save=True)
+        ctx.save_for_backward(*saved)
+        ctx.sizes, ctx.scale, ctx.mask = sizes, scale, mask
+        return O, h_out
+
+    @staticmethod
+    def backward(ctx, dO, dh_out):
+        grads = _wkv7_bwd(ctx.saved_tensors, dO, dh_out, ctx.sizes, ctx.scale, ctx.mask)
+        return (*grads, None, None, None)
 
 
 def wkv7_chunked(
@@ -78,7 +177,7 @@ def wkv7_chunked(
     Returns (o [B, T, H, V] in v's dtype, final state in fp32 (fp64 for fp64 inputs) or None).
     """
     B, T, H, K = r.shape
-    V, out_dtype = v.shape[-1], v.dtype
+    V, dev = v.shape[-1], r.device
     C = int(chunk_size)
     cdt = (
         torch.float64
@@ -86,56 +185,55 @@ def wkv7_chunked(
         else torch.float32
     )
     offsets = cu_seqlens.tolist() if cu_seqlens is not None else [i * T for i in range(B + 1)]
-    active, order, src, dst, unsort, pad = _wkv7_schedule(offsets, C, H, r.device)
-    M, N = sum(active), len(offsets) - 1
-
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [M, H, C, D]
-        x = x.reshape(-1, x.shape[-1])
-        if pad:
-            x = torch.cat([x, x.new_zeros(H, x.shape[-1])])
-        return x.index_select(0, src).view(M, H, C, -1).to(cdt)
-
-    g, r, k, v, a, b = chunks(w), chunks(r), chunks(k), chunks(v), chunks(a), chunks(b)
-    # exponents relative to the chunk start (README §3.3): γ inclusive cumsum, γ⁻ = γ - g, γ_C chunk total
-    gam = g.cumsum(-2)
-    gC = gam[..., -1:, :]
-    rt = r * (gam.exp() * scale)
-    at = a * (gam - g).exp()
-    ein = (-gam).exp()
-    X = torch.cat([k * ein, b * ein], -2)
-    tail = (gC - gam).exp()
-    above = torch.ones(C, C, dtype=torch.bool, device=r.device).triu(1)
-    Aq = (rt @ X.mT).masked_fill(torch.cat([above, above], 1), 0)  # [A_qk | A_qb], j <= i
-    diag_up = above | torch.eye(C, dtype=torch.bool, device=r.device)
-    Aa = (at @ X.mT).masked_fill(torch.cat([diag_up, diag_up], 1), 0)  # [A_ak | A_ab], j < i
-    W, U0 = (_wkv7_inv_unit_lower(Aa[..., C:]) @ torch.cat([at, Aa[..., :C] @ v], -1)).split([K, V], -1)
-    KV = (k * tail).mT @ v  # K̂ᵀ V
-    bT = (b * tail).mT  # B̂ᵀ
-    dC = gC.mT.exp()  # e^{γ_C} per key row
-
+    active, order, rows, valid, dst, unsort = _wkv7_schedule(offsets, C, H, dev)
+    N = len(offsets) - 1
+    flat = [x.reshape(-1, x.shape[-1]) for x in (w, r, k, v, a, b)]  # rows = (token, head)
+    grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state)
+    )
+    above = torch.ones(C, C, dtype=torch.bool, device=dev).triu(1)
+    strict = above | torch.eye(C, dtype=torch.bool, device=dev)
+    mask = torch.cat([torch.cat([above, above], 1), torch.cat([strict, strict], 1)])  # j > i / j >= i
     if initial_state is None:
-        h = r.new_zeros(N, H, K, V)
+        h = torch.zeros(N * H, K, V, dtype=cdt, device=dev)
     else:
-        h = initial_state.to(cdt).index_select(0, torch.tensor(order, device=r.device))
-    finished, hs, us = [], [], []
-    split = lambda x: torch.split(x, active)  # views; backward is one cat, not a zero-filled copy per step
-    for n, (W_n, U0_n, KV_n, bT_n, dC_n) in enumerate(
-        zip(split(W), split(U0), split(KV), split(bT), split(dC), strict=True)
-    ):
-        if active[n] < h.shape[0]:
-            finished.append(h[active[n] :])
-            h = h[: active[n]]
-        U_n = U0_n + W_n @ h
-        hs.append(h)
-        us.append(U_n)
-        h = dC_n * h + KV_n + bT_n @ U_n
-    finished.append(h)
-    O = rt @ torch.cat(hs) + Aq @ torch.cat([v, torch.cat(us)], -2)  # [M, H, C, V]
-    o = O.reshape(-1, V).index_select(0, dst).view(B, T, H, V).to(out_dtype)
+        h = initial_state.to(cdt).index_select(0, order).view(N * H, K, V)
+    o = None if grad else torch.empty(B * T * H, V, dtype=v.dtype, device=dev)
+    finished, outs = [], []
+    # Steps run in groups of about _WKV7_GROUP_ROWS (chunk, head, position) rows: every intermediate stays
+    # small, so it is cache-resident and reuses freed memory instead of page-faulting in fresh allocations.
+    n0, r0 = 0, 0
+    while n0 < len(active):
+        n1, r1 = n0, r0
+        while n1 < len(active) and (n1 == n0 or r1 - r0 + active[n1] * H * C <= _WKV7_GROUP_ROWS):
+            r1 += active[n1] * H * C
+            n1 += 1
+        idx = rows[r0:r1]
+        keep = None if valid is None else valid[r0:r1].view(-1, C, 1)
+        xs = [x.index_select(0, idx).view(-1, C, x.shape[-1]).to(cdt) for x in flat]
+        if keep is not None:  # padding: decay 1 and no write (r, a of padding rows reach nothing)
+            for j in (0, 2, 3, 5):
+                xs[j] = torch.where(keep, xs[j], 0)
+        sizes = [n * H for n in active[n0:n1]]
+        if grad:
+            O, h_out = _Wkv7Group.apply(*xs, h, sizes, scale, mask)
+            outs.append(O.view(-1, V))
+        else:
+            O, h_out, _ = _wkv7_fwd(*xs, h, sizes, scale, mask, save=False)
+            O = O.view(-1, V).to(o.dtype)
+            if keep is not None:
+                idx, O = idx[keep.flatten()], O[keep.flatten()]
+            o.index_copy_(0, idx, O)
+        nxt = active[n1] * H if n1 < len(active) else 0
+        finished.append(h_out[nxt:])
+        h = h_out[:nxt]
+        n0, r0 = n1, r1
+    if grad:
+        o = (torch.cat(outs) if len(outs) > 1 else outs[0]).index_select(0, dst)
     final = None
     if output_final_state:
-        final = torch.cat(finished[::-1]).index_select(0, unsort)
-    return o, final
+        final = torch.cat(finished[::-1]).view(N, H, K, V).index_select(0, unsort)
+    return o.view(B, T, H, V).to(v.dtype), final
 
 
 # </wkv7-chunked>
