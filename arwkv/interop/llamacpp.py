@@ -8,6 +8,7 @@ The converter also needs the tokenizer files beside the weights.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -88,15 +89,24 @@ def export_for_llamacpp(student: ArwkvForCausalLM, out: str | Path, tokenizer: A
 
 
 def _check_vocab(out: Path, vocab_size: int) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(out)
-    top = max(tok.get_vocab().values())
+    top = _max_token_id(out)
     if top >= vocab_size:
         raise CheckpointError(
             f"the tokenizer has token id {top}, but the model's vocab_size is {vocab_size}: "
             "llama.cpp's converter needs every token id below vocab_size."
         )
+
+
+def _max_token_id(out: Path) -> int:
+    tj = out / "tokenizer.json"
+    if tj.is_file():  # a JSON read is seconds faster than building the tokenizer
+        data = json.loads(tj.read_text(encoding="utf-8"))
+        vocab = data.get("model", {}).get("vocab") or {}
+        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
+        return max(ids + [t["id"] for t in data.get("added_tokens", [])])
+    from transformers import AutoTokenizer
+
+    return max(AutoTokenizer.from_pretrained(out).get_vocab().values())
 
 
 def convert_to_gguf(
@@ -131,6 +141,7 @@ class GgufReport:
 
     metadata: dict[str, Any]
     tensors: dict[str, tuple[int, ...]]
+    reader: Any  # the gguf.GGUFReader, for further reads
     compared: list[str] = field(default_factory=list)
 
 
@@ -203,15 +214,16 @@ def _hybrid_source(name: str, sd: dict[str, torch.Tensor], layout: HybridLayout)
     return (x.T if part[-1] in "12" else x.reshape(-1)).numpy()
 
 
-def check_gguf(path: str | Path, source: str | Path | None = None, atol: float = 0.0) -> GgufReport:
-    """Check that `path` is an `arwkv7` GGUF with a complete, consistently shaped tensor list.
+def check_gguf(path: str | Path | Any, source: str | Path | None = None, atol: float = 0.0) -> GgufReport:
+    """Check that `path` (a file or an open `gguf.GGUFReader`, which takes a while to parse a 150k-token
+    vocabulary) is an `arwkv7` GGUF with a complete, consistently shaped tensor list.
 
     With `source` (the rwkv_hybrid directory it was converted from) the metadata must match its config.json
     and every tensor must equal the source weights (within `atol`, e.g. 1e-3 for f16 files). Raises
     `CheckpointError` naming every problem; returns what it read."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    reader = path if isinstance(path, GGUFReader) else GGUFReader(str(path))
     meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     tensors = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
     problems: list[str] = []
@@ -243,7 +255,7 @@ def check_gguf(path: str | Path, source: str | Path | None = None, atol: float =
     for what, v in (("missing tensors", missing), ("unexpected tensors", extra), ("shape mismatches", wrong)):
         if v:
             problems.append(f"{len(v)} {what}: {', '.join(v[:12])}")
-    report = GgufReport(meta, tensors)
+    report = GgufReport(meta, tensors, reader)
     if source is not None and not problems:
         sd = read_state_dict(source)
         for t in reader.tensors:

@@ -478,7 +478,7 @@ def _student_ranks(student: ArwkvForCausalLM) -> dict[str, int]:
     for m in LORA_RANKS:
         w = sd.get(f"{m}1")
         if w is not None:
-            ranks[m] = min(w.shape)  # (C, r) or a Linear's (r, C)
+            ranks[m] = w.shape[1]  # stored (C, r), as in the format
     return ranks
 
 
