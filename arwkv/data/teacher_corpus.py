@@ -165,14 +165,15 @@ def sample_sequences(model, prompts: list[list[int]], max_len: int, *, temperatu
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=x, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
+    budget = torch.tensor([max_len - len(p) for p in prompts], device=device)  # new tokens per row
     out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids or [-1], device=device)
-    for _ in range(max_len - P):
+    for step in range(int(budget.max())):
         tok = _draw(logits.float(), temperature, top_k, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out.append(tok)
-        done |= torch.isin(tok, eos)
-        if bool(done.all()) or len(out) == max_len - P:
+        done |= torch.isin(tok, eos) | (budget <= step + 1)
+        if bool(done.all()):
             break
         attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)  # finished rows run on; their tail is dropped
         pos = pos[:, -1:] + 1
@@ -182,7 +183,7 @@ def sample_sequences(model, prompts: list[list[int]], max_len: int, *, temperatu
     ids = torch.full((B, max_len), pad_id, dtype=torch.long)
     lengths = torch.zeros(B, dtype=torch.long)
     for i, p in enumerate(prompts):
-        reply = gen[i].cpu()
+        reply = gen[i, : max_len - len(p)].cpu()
         hit = torch.isin(reply, eos.cpu()).nonzero()
         n = int(hit[0]) + 1 if len(hit) else len(reply)  # keep the EOS: the teacher chose to stop
         seq = torch.cat([torch.tensor(p, dtype=torch.long), reply[:n]])
