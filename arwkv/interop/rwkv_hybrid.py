@@ -362,34 +362,34 @@ def load_rwkv_hybrid(
     check_state_dict(layout, sd)
     config = student_config(cfg, wkv_backend=wkv_backend)
     dtype = dtype or _dtype(cfg.get("torch_dtype") or cfg.get("dtype")) or torch.float32
-    with torch.device("meta"):
+    with torch.device("meta"):  # no init work or memory for weights that are overwritten anyway
         model = ArwkvForCausalLM(config)
     target = model.state_dict()
     shapes, optional = layout.expected_shapes()
-    mapped = {hybrid_to_student_key(k): (k, v) for k, v in sd.items() if k in shapes}
+    source = {hybrid_to_student_key(k): k for k in sd if k in shapes}
     if layout.tie:
-        mapped.pop("lm_head.weight", None)
-    new: dict[str, torch.Tensor] = {}
-    unused = [src for key, (src, _) in mapped.items() if key not in target]
-    unread = [src for src in unused if src not in optional]
+        source.pop("lm_head.weight", None)
+    unread = [k for key, k in source.items() if key not in target and k not in optional]
     if unread:
         raise CheckpointError(
-            f"the arwkv student has no parameter for {unread}: this arwkv version cannot "
-            "represent the checkpoint."
+            f"the arwkv student has no parameter for {unread}: this arwkv version cannot represent them."
         )
+    new: dict[str, torch.Tensor] = {}
     for key, t in target.items():
-        if key in mapped:
-            new[key] = _fit(mapped[key][1], t.shape, mapped[key][0]).to(dtype)
-        elif key == "lm_head.weight" and layout.tie:
-            continue
+        if key in source:  # pop: peak memory stays near one copy of the checkpoint
+            new[key] = _fit(sd.pop(source[key]), t.shape, source[key]).to(dtype)
         elif _is_unused_student_param(key, layout):
             new[key] = torch.zeros(t.shape, dtype=dtype)
-        else:
+        elif not (key == "lm_head.weight" and layout.tie):
             raise CheckpointError(f"the checkpoint has nothing for the student's {key}.")
     model.load_state_dict(new, strict=False, assign=True)
     if layout.tie:
         model.tie_weights()
     _materialize_buffers(model)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise CheckpointError(f"parameters {left} were not loaded.")
+    model.config.dtype = dtype
     return model.to(device).eval()
 
 

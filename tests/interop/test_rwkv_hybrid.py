@@ -78,20 +78,22 @@ def test_every_weight_is_read(tmp_path: Path) -> None:
         assert (moved - base).abs().max() > 1e-6, key
 
 
-def test_decoding_is_recurrent_and_matches_full_forward(tmp_path: Path) -> None:
-    cfg = hybrid_config(gate=True)
+@pytest.mark.parametrize("case", ["gated", "hybrid-wkv_layers"])
+def test_decoding_is_recurrent_and_matches_full_forward(tmp_path: Path, case: str) -> None:
+    cfg = hybrid_config(**CASES[case][0])
     sd = make_hybrid(cfg)
     write_hybrid(tmp_path, cfg, sd)
     model = load_any(tmp_path, dtype=torch.float64)
     full = _logits(model, IDS)
     out = model(torch.tensor([IDS[:3]]), use_cache=True)
     cache, steps = out.cache, [out.logits[0]]
+    rwkv = [cache.layers[i] for i in model.config.rwkv_layers]
     sizes = None
     for tok in IDS[3:]:
         out = model(torch.tensor([[tok]]), cache=cache, use_cache=True)
         steps.append(out.logits[0])
-        now = [tuple(t.shape) for layer in cache.layers for t in layer.get_state() if t is not None]
-        assert sizes in (None, now)  # constant-size state: nothing grows with the sequence
+        now = [tuple(t.shape) for layer in rwkv for t in layer.get_state() if t is not None]
+        assert sizes in (None, now)  # RWKV layers carry a constant-size state, whatever the length
         sizes = now
     torch.testing.assert_close(torch.cat(steps), full, atol=ATOL, rtol=RTOL)
     gen = model.generate(torch.tensor([IDS[:4]]), max_new_tokens=4, do_sample=False)
@@ -116,8 +118,18 @@ def test_export_load_round_trip(tmp_path: Path, case: str) -> None:
     for k, v in sd.items():
         assert torch.equal(exported[k], v), k
     written = json.loads((tmp_path / "b" / "config.json").read_text())
-    for key in ("model_type", "head_size", "head_size_divisor", "wkv_has_gate", "wkv_has_group_norm",
-                "wkv_version", "tie_word_embeddings", "rms_norm_eps", "rope_theta", "num_key_value_heads"):
+    for key in (
+        "model_type",
+        "head_size",
+        "head_size_divisor",
+        "wkv_has_gate",
+        "wkv_has_group_norm",
+        "wkv_version",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "num_key_value_heads",
+    ):
         assert written[key] == cfg[key], key
     wkv = cfg["wkv_layers"]
     assert written["wkv_layers"] == (list(range(cfg["num_hidden_layers"])) if wkv in (None, "full") else wkv)
@@ -126,8 +138,16 @@ def test_export_load_round_trip(tmp_path: Path, case: str) -> None:
 def _qwen2_teacher(**kw) -> dict:
     from transformers import Qwen2Config
 
-    base = dict(hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=101, tie_word_embeddings=False, max_position_embeddings=256)
+    base = dict(
+        hidden_size=128,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        tie_word_embeddings=False,
+        max_position_embeddings=256,
+    )
     return Qwen2Config(**(base | kw)).to_dict()
 
 
@@ -169,8 +189,15 @@ def test_student_export_round_trip(tmp_path: Path, opts: dict) -> None:
 def test_llama_teacher_with_tied_embeddings_exports(tmp_path: Path) -> None:
     from transformers import LlamaConfig
 
-    teacher = LlamaConfig(hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=1, vocab_size=101, tie_word_embeddings=True).to_dict()
+    teacher = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=101,
+        tie_word_embeddings=True,
+    ).to_dict()
     student = _student(teacher)
     export_rwkv_hybrid(student, tmp_path)
     loaded = load_rwkv_hybrid(tmp_path)
@@ -180,7 +207,10 @@ def test_llama_teacher_with_tied_embeddings_exports(tmp_path: Path) -> None:
 
 def test_export_names_everything_that_does_not_fit(tmp_path: Path) -> None:
     student = _student(
-        head_size=32, lora_ranks={"w": 32, "a": 64, "v": 32, "g": 128}, rkv_bias=True, use_rope=True,
+        head_size=32,
+        lora_ranks={"w": 32, "a": 64, "v": 32, "g": 128},
+        rkv_bias=True,
+        use_rope=True,
         softmax_layers=[0],
     )
     problems = export_problems(student)
