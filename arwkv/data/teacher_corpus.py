@@ -162,9 +162,10 @@ def sample_sequences(model, prompts: list[list[int]], max_len: int, *, temperatu
         x[i, P - len(p):] = torch.tensor(p, device=device)
         attn[i, P - len(p):] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    padded = any(len(p) != P for p in prompts)  # without padding no mask is needed (cheaper steps)
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=x, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
-                   logits_to_keep=1).logits[:, -1]
+    logits = model(input_ids=x, attention_mask=attn if padded else None, position_ids=pos, cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
     budget = torch.tensor([max_len - len(p) for p in prompts], device=device)  # new tokens per row
     out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids or [-1], device=device)
@@ -175,10 +176,11 @@ def sample_sequences(model, prompts: list[list[int]], max_len: int, *, temperatu
         done |= torch.isin(tok, eos) | (budget <= step + 1)
         if bool(done.all()):
             break
-        attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)  # finished rows run on; their tail is dropped
+        if padded:  # finished rows run on; their tail is dropped below
+            attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
         pos = pos[:, -1:] + 1
-        logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, cache=cache,
-                       use_cache=True).logits[:, -1]
+        logits = model(input_ids=tok[:, None], attention_mask=attn if padded else None, position_ids=pos,
+                       cache=cache, use_cache=True).logits[:, -1]
     gen = torch.stack(out, dim=1)
     ids = torch.full((B, max_len), pad_id, dtype=torch.long)
     lengths = torch.zeros(B, dtype=torch.long)
