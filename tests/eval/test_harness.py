@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from arwkv.eval.harness import default_data_dir, load_models, run_eval
+
+from .tiny import tiny_llama
+
+
+@pytest.fixture
+def model_dir(tmp_path, qwen_tokenizer):
+    model = tiny_llama(vocab_size=len(qwen_tokenizer))
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    path = tmp_path / "tiny-teacher"
+    model.save_pretrained(path)
+    qwen_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_run_eval_writes_report_for_teacher_and_baseline(model_dir, shared, tmp_path):
+    out = tmp_path / "eval"
+    result = run_eval([str(model_dir), f"swa:{model_dir}"], ["arc_easy", "blimp"], limit=3, out_dir=out,
+                      data_dir=shared / "eval", progress=False)
+    assert list(result["results"]) == ["tiny-teacher", "swa64+4(tiny-teacher)"]
+    assert result["reference"] == "tiny-teacher"
+    teacher, swa = result["results"].values()
+    assert teacher["arc_easy"]["acc"]["n"] == 3 and teacher["blimp"]["acc"]["n"] == 3
+    # every prompt here is shorter than the 64-token window, so the baseline is exactly the teacher
+    for task in ("arc_easy", "blimp"):
+        for metric, score in teacher[task].items():
+            assert math.isclose(swa[task][metric]["value"], score["value"])
+    saved = json.loads((out / "eval.json").read_text())
+    for value in saved["retention"]["swa64+4(tiny-teacher)"].values():
+        assert math.isnan(value) or math.isclose(value, 100.0)  # NaN where the teacher scored 0
+    assert "| arc_easy | acc |" in (out / "eval.md").read_text()
+
+
+def test_baseline_shares_the_teachers_weights(model_dir):
+    models = load_models([str(model_dir), f"swa:{model_dir}"], names=["t", "b"])
+    (teacher, tok_t), (baseline, tok_b) = models["t"], models["b"]
+    assert baseline.teacher is teacher and tok_b is tok_t
+
+
+def test_data_dir_default_and_override(monkeypatch, tmp_path):
+    assert default_data_dir().parts[-2:] == ("shared", "eval")
+    monkeypatch.setenv("ARWKV_EVAL_DIR", str(tmp_path))
+    assert default_data_dir() == tmp_path
