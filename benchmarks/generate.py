@@ -1,0 +1,217 @@
+"""Decode speed and memory: an RWKV-7 student vs its teacher with a KV cache, at long contexts (CPU).
+
+Both models share every non-attention weight: the teacher is a random Llama-like model (SmolLM2-135M shape
+by default: hidden 576, 9 heads / 3 KV heads, MLP 1536, vocab 49152, 30 layers); the student is
+`build_student(teacher, init="copy")`. For each context length L a fresh subprocess builds one model,
+prefills L random tokens in chunks (logits of the last token only), then times greedy decoding.
+
+Reported per (model, L):
+- decode tokens per CPU-second, one torch thread (other jobs on a shared machine do not distort it);
+  wall-clock tokens/s alongside;
+- `state MiB`: exact bytes of the per-sequence cache (KV cache for the teacher; token shift + fp32 WKV
+  state for the student);
+- `decode peak MiB`: peak RSS while decoding minus the RSS right after the model was built (state plus the
+  decode step's transients), from /proc (VmHWM reset through /proc/self/clear_refs after the prefill).
+
+    python benchmarks/generate.py                       # 30 layers, contexts 1k 4k 16k
+    python benchmarks/generate.py --layers 6 --json out.json
+
+The 30-layer teacher needs many CPU-minutes to prefill 16k tokens; `--layers` shrinks both models alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _proc_status(field: str) -> int:
+    """A memory field of /proc/self/status in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "shift", "wkv"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def build_models(args: argparse.Namespace, which: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(args.contexts) + args.decode + 16,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(config).eval()
+    if which == "teacher":
+        return teacher
+    from arwkv.convert import build_student
+
+    student = build_student(teacher, init="copy").eval()
+    del teacher
+    gc.collect()
+    return student
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One (model, context) measurement; runs in its own process so that RSS figures are not mixed."""
+    torch.set_num_threads(args.threads)
+    model = build_models(args, args.worker)
+    gc.collect()
+    rss_model = _proc_status("VmRSS")
+    if args.worker == "teacher":
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    else:
+        from arwkv.models import ArwkvCache
+
+        cache = ArwkvCache(model.config)
+    context = args.context
+    ids = torch.randint(3, args.vocab, (1, context), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        c0 = time.process_time()
+        for start in range(0, context, args.prefill_chunk):
+            out = model(
+                ids[:, start : start + args.prefill_chunk], cache=cache, use_cache=True, logits_to_keep=1
+            )
+        prefill_s = time.process_time() - c0
+        token = out.logits[:, -1:].argmax(-1)
+        del out
+        gc.collect()
+        peak_reset = _reset_peak_rss()
+        for _ in range(2):  # warm-up steps, not timed
+            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(args.decode):
+            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        decode_wall, decode_cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = _proc_status("VmHWM") if peak_reset else _proc_status("VmRSS")
+    return {
+        "model": args.worker,
+        "context": context,
+        "layers": args.layers,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "prefill_cpu_s": round(prefill_s, 2),
+        "decode_tok_s": round(args.decode / decode_cpu, 2),
+        "decode_tok_s_wall": round(args.decode / decode_wall, 2),
+        "state_MiB": round(_cache_bytes(cache) / 2**20, 2),
+        "decode_peak_MiB": round((peak - rss_model) / 2**20, 1),
+        "peak_is_hwm": peak_reset,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--hidden", type=int, default=576)
+    parser.add_argument("--heads", type=int, default=9)
+    parser.add_argument("--kv-heads", type=int, default=3)
+    parser.add_argument("--intermediate", type=int, default=1536)
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--decode", type=int, default=32, help="decoded tokens timed per measurement")
+    parser.add_argument("--prefill-chunk", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time = compute time)")
+    parser.add_argument("--models", nargs="+", default=["teacher", "student"], choices=["teacher", "student"])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--worker", choices=["teacher", "student"], help=argparse.SUPPRESS)
+    parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    results = []
+    shared = [
+        f"--{name.replace('_', '-')}={getattr(args, name)}"
+        for name in (
+            "layers",
+            "hidden",
+            "heads",
+            "kv_heads",
+            "intermediate",
+            "vocab",
+            "decode",
+            "prefill_chunk",
+            "threads",
+        )
+    ]
+    for context in args.contexts:
+        for which in args.models:
+            cmd = [
+                sys.executable,
+                __file__,
+                *shared,
+                f"--contexts={context}",
+                f"--worker={which}",
+                f"--context={context}",
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr, file=sys.stderr)
+                return proc.returncode
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            r = results[-1]
+            print(
+                f"  {which:7s} ctx {context:6d}: {r['decode_tok_s']} tok/s, state {r['state_MiB']} MiB",
+                file=sys.stderr,
+            )
+
+    header = (
+        f"{'model':8s} {'context':>8s} {'CPU tok/s':>13s} {'state MiB':>10s} {'decode peak MiB':>16s} "
+        f"{'prefill CPU s':>14s} {'wall tok/s':>11s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r['model']:8s} {r['context']:8d} {r['decode_tok_s']:13.2f} {r['state_MiB']:10.2f} "
+            f"{r['decode_peak_MiB']:16.1f} {r['prefill_cpu_s']:14.1f} {r['decode_tok_s_wall']:11.2f}"
+        )
+    report = {
+        "layers": args.layers,
+        "threads": args.threads,
+        "decode_tokens": args.decode,
+        "results": results,
+    }
+    print(json.dumps(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
