@@ -13,9 +13,11 @@ from arwkv.data.packing import (
     packed_to_cu_seqlens,
 )
 from arwkv.data.sources import Document, iter_documents
-from arwkv.data.teacher_corpus import TeacherCorpus, teacher_corpus
+
+# `teacher_corpus` (the function) is not re-exported: it would shadow the submodule of the same name
+from arwkv.data.teacher_corpus import TeacherCorpus
 
 __all__ = [
     "Document", "PackedCorpus", "PackedLoader", "TeacherCorpus", "build_corpus", "check_tokenizer_vocab",
-    "iter_documents", "pack_documents", "packed_to_cu_seqlens", "render_chat", "teacher_corpus",
+    "iter_documents", "pack_documents", "packed_to_cu_seqlens", "render_chat",
 ]
