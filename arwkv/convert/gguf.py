@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -102,9 +103,11 @@ def _write_cache(folder: Path, model: PreTrainedModel, tokenizer, source: Path) 
         tokenizer.save_pretrained(tmp)
         (tmp / "arwkv_source.json").write_text(json.dumps({"gguf": str(source.resolve())}))
         os.replace(tmp, folder)
-    except OSError:
-        # a concurrent writer won the rename (fine), or the disk is full (the teacher still works uncached)
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "config.json").is_file():  # else a concurrent writer won the rename: fine
+            warnings.warn(f"could not cache the de-quantized teacher in {folder}: {e}; it works, but the "
+                          "next load converts the GGUF again", stacklevel=3)
 
 
 def load_gguf_teacher(

@@ -13,8 +13,8 @@ distribution; `top_k` 0 = the full vocabulary), driven by a seeded `torch.Genera
 function of (teacher weights, settings). Training and held-out sequences come from different generator
 seeds, so changing `num_train` never changes the held-out set.
 
-Speed (stories260K, 1 thread): about 5,000 sampled tokens per CPU-second at batch 64; 1,000 x 256 tokens
-take ~50 CPU-s (calibration-stories260k.md measured 38 s wall on 2 uncontended threads).
+Speed (stories260K, 1 thread, batch 64): about 4,500 sampled tokens per CPU-second, so 1,000 x 256 tokens
+take ~57 CPU-s (calibration-stories260k.md: 38 s wall on 2 uncontended threads with a bespoke sampler).
 
 The cache file is `<cache_dir>/teacher-corpus-<hash>.safetensors`, the hash covering a fingerprint of the
 teacher's weights and config (or `teacher_id`), the tokenizer's chat template and every sampling setting;
@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -328,10 +329,10 @@ def _save_atomically(path: Path, corpus: TeacherCorpus) -> None:
         tensors = {f: getattr(corpus, f).to(torch.int32).contiguous() for f in _FIELDS}
         save_file(tensors, tmp, metadata={"settings": json.dumps(corpus.meta)})
         os.replace(tmp, path)
-    except OSError as e:
+    except OSError as e:  # the samples are still good: carry on without a cache rather than lose them
         Path(tmp).unlink(missing_ok=True)
-        raise DataError(f"could not write the teacher corpus cache {path}: {e} (free disk space, or set "
-                        "another cache_dir)") from e
+        warnings.warn(f"could not write the teacher corpus cache {path}: {e}; the next run will sample "
+                      "again (free disk space, or set another cache_dir)", stacklevel=3)
 
 
 def _load(path: Path, settings: dict[str, Any]) -> TeacherCorpus:

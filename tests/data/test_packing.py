@@ -247,3 +247,18 @@ def test_finite_epochs_and_views(corpus):
     assert len(h_rows) == 5 and sorted(t_rows + h_rows) == list(range(20))
     assert train.fingerprint != corpus.fingerprint != held.fingerprint
     assert sorted(sum(rows_of(list(PackedLoader(held, 2, epochs=1))), [])) == sorted(h_rows)
+
+
+def test_full_disk_while_caching_leaves_no_partial_cache(tmp_path, qwen, monkeypatch):
+    from arwkv.data import packing
+
+    data = tmp_path / "d.txt"
+    data.write_text("<|endoftext|>".join(f"Story {i}." for i in range(40)))
+
+    def no_space(self, tokens, flags):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(packing._RowSink, "append", no_space)
+    with pytest.raises(DataError, match="could not write the packed data cache .*No space left"):
+        build_corpus(data, qwen, 8, cache_dir=tmp_path / "cache", progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []

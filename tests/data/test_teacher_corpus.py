@@ -130,3 +130,13 @@ def test_mode_errors(stories):
     no_bos = LlamaForCausalLM(config)
     with pytest.raises(DataError, match="no BOS token"):
         teacher_corpus(no_bos, num_train=1, progress=False)
+
+
+def test_full_disk_keeps_the_samples_and_leaves_no_partial_cache(stories, tmp_path, monkeypatch):
+    def no_space(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tc, "save_file", no_space)
+    with pytest.warns(UserWarning, match="No space left on device"):
+        out = teacher_corpus(stories, num_train=2, seq_len=8, cache_dir=tmp_path, progress=False)
+    assert out.train.shape == (2, 8) and list(tmp_path.iterdir()) == []
