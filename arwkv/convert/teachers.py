@@ -47,7 +47,11 @@ def load_teacher(spec: str | Path, *, dtype: torch.dtype = torch.float32) -> tup
             f"teacher folder {path} has no config.json and no .gguf file; expected {ACCEPTED}"
         )
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
-        return _load_hf(name, dtype, has_tokenizer=True)
+        try:
+            return _load_hf(name, dtype, has_tokenizer=True)
+        except CheckpointError as e:
+            raise CheckpointError(f"teacher {name!r} is not a local file or folder, and loading it as a "
+                                  f"Hugging Face Hub id failed: {e.__cause__ or e}") from e
     raise CheckpointError(f"teacher {name!r} does not exist: no such file or folder; expected {ACCEPTED}")
 
 

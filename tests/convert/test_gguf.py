@@ -47,6 +47,17 @@ def test_load_teacher_errors_name_the_path(tmp_path):
         load_teacher(tmp_path / "w.txt")
 
 
+def test_unknown_relative_path_mentions_hub(monkeypatch):
+    from arwkv.convert import teachers
+
+    def offline(*a, **kw):
+        raise OSError("could not reach the Hub")
+
+    monkeypatch.setattr(teachers.AutoModelForCausalLM, "from_pretrained", offline)
+    with pytest.raises(CheckpointError, match="'runs/nope' is not a local file or folder.*could not reach"):
+        load_teacher("runs/nope")
+
+
 def test_load_teacher_llama2c_and_hf_folder(tmp_path, shared):
     model, tok = load_teacher(shared / STORIES)
     assert tok is None and isinstance(model, LlamaForCausalLM)
