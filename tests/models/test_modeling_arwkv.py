@@ -69,9 +69,7 @@ def reference_mixer(m, x: torch.Tensor, v_first: torch.Tensor | None):
         x_prev = xt
         xr, xw, xk, xv, xa, xg = (xt + xx * getattr(m, n)[0, 0] for n in MU)
         r, k, v = lin(m.receptance, xr), lin(m.key, xk), lin(m.value, xv)
-        w = torch.exp(
-            -math.exp(-0.5) * torch.sigmoid(m.w0[0, 0] + torch.tanh(xw @ m.w1) @ m.w2)
-        )
+        w = torch.exp(-math.exp(-0.5) * torch.sigmoid(m.w0[0, 0] + torch.tanh(xw @ m.w1) @ m.w2))
         if m.is_first:
             vfs.append(v)
         else:
@@ -224,6 +222,12 @@ def test_generate_greedy_equals_uncached_greedy(student, prefill_chunk_size):
         ids, max_new_tokens=6, do_sample=False, prefill_chunk_size=prefill_chunk_size, pad_token_id=0
     )
     assert torch.equal(out, greedy_reference(student, ids, 6))
+
+
+def test_beam_search_equals_uncached_beam_search(student):
+    ids = ids_for(2, 5)
+    kwargs = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(student.generate(ids, **kwargs), student.generate(ids, use_cache=False, **kwargs))
 
 
 def left_pad(prompts: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,3 +409,20 @@ def test_unknown_teacher_in_config_is_a_clear_error():
     )
     with pytest.raises(ValueError, match="supported"):
         ArwkvForCausalLM(config)
+
+
+def test_training_step_with_gradient_checkpointing_matches_plain():
+    ids = ids_for(2, 10)
+    grads = []
+    for checkpointing in (False, True):
+        student = student_for(softmax_layers=[1]).train()
+        if checkpointing:
+            getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
+        loss = student(ids, labels=ids).loss
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert "model.layers.0.self_attn.w1" in grads[0]  # the mixers train
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)

@@ -835,7 +835,9 @@ class ArwkvModel(ArwkvPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         B, T = inputs_embeds.shape[:2]
         incoming_cache = cache
-        use_cache = cache is not None or (use_cache if use_cache is not None else self.config.use_cache)
+        if use_cache is None:  # no state to carry while training (and packed documents stay detectable)
+            use_cache = self.config.use_cache and not self.training
+        use_cache = use_cache or cache is not None
         if use_cache and cache is None:
             cache = ArwkvCache(self.config)
         past = cache.get_seq_length() if cache is not None else 0
