@@ -137,6 +137,23 @@ def run_phase(args, group: st.PermutationGroup, phase: str, out: Path, results: 
     return rec
 
 
+def add_agreement(args, group: st.PermutationGroup, out: Path, rec: dict) -> None:
+    """Top-1 agreement of the distilled student with its teacher at every length (from the checkpoints)."""
+    from arwkv.convert.build import build_student
+
+    kw = dict(hidden_size=args.hidden_size, num_layers=args.layers, head_dim=args.head_dim)
+    teacher = st.make_transformer(st.transformer_config(group, **kw))
+    teacher.load_state_dict(torch.load(out / "ckpt" / f"{group.name}-transformer.pt")["model"])
+    student = build_student(teacher, init="copy", **MIXER_OPTIONS)
+    student.load_state_dict(
+        torch.load(out / "ckpt" / f"{group.name}-distilled.pt", weights_only=False)["model"]
+    )
+    lengths = [int(x) for x in args.eval_lengths.split(",")]
+    agree = st.agreement(student, teacher, group, lengths, num_sequences=args.eval_sequences)
+    rec["agreement_with_teacher"] = {str(k): v for k, v in agree.items()}
+    log(f"{group.name}/distilled agreement: " + ", ".join(f"T={k} {v:.3f}" for k, v in agree.items()))
+
+
 def write_table(results: dict, path: Path) -> None:
     cfg = results["config"]
     lengths = cfg["eval_lengths"]
@@ -238,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
                     log(f"{group.name}/{phase}: done, skipping")
                     continue
                 done[phase] = run_phase(args, group, phase, out, results)
+                res_path.write_text(json.dumps(results, indent=1))
+            if "distilled" in done and "agreement_with_teacher" not in done["distilled"]:
+                add_agreement(args, group, out, done["distilled"])
                 res_path.write_text(json.dumps(results, indent=1))
     write_table(results, out / "table.md")
     plot(results, out / "accuracy_vs_length.png")

@@ -50,6 +50,7 @@ __all__ = [
     "train",
     "distill",
     "evaluate",
+    "agreement",
 ]
 
 
@@ -416,4 +417,34 @@ def evaluate(
             "seq_acc": seq / num_sequences,
             "last_acc": last / num_sequences,
         }
+    return out
+
+
+@torch.no_grad()
+def agreement(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    group: PermutationGroup,
+    lengths: Iterable[int],
+    num_sequences: int = 256,
+    batch_size: int = 64,
+    seed: int = 1234,
+) -> dict[int, float]:
+    """Fraction of scored positions where two models predict the same element (same words as ``evaluate``).
+
+    For a distilled student vs its teacher this separates "inherits" (agrees even where the teacher is wrong)
+    from "learns the task its own way" (right where the teacher is wrong).
+    """
+    model_a.eval()
+    model_b.eval()
+    out = {}
+    for length in lengths:
+        gen = torch.Generator().manual_seed(seed + length)
+        same = 0.0
+        for start in range(0, num_sequences, batch_size):
+            b = min(batch_size, num_sequences - start)
+            input_ids, _ = make_batch(group, b, length, gen)
+            pa, pb = _logits(model_a, input_ids).argmax(-1), _logits(model_b, input_ids).argmax(-1)
+            same += (pa == pb).float().mean(dim=1).sum().item()
+        out[int(length)] = same / num_sequences
     return out
