@@ -411,13 +411,26 @@ def test_unknown_teacher_in_config_is_a_clear_error():
         ArwkvForCausalLM(config)
 
 
-def test_training_step_with_gradient_checkpointing_matches_plain():
+@pytest.mark.parametrize(
+    "reentrant",
+    [
+        True,
+        pytest.param(
+            False,
+            marks=pytest.mark.xfail(
+                reason="arwkv/ops/wkv7/chunked.py: _Wkv7Chunked.backward reads ctx.saved_tensors twice, "
+                "which non-reentrant checkpointing forbids"
+            ),
+        ),
+    ],
+)
+def test_training_step_with_gradient_checkpointing_matches_plain(reentrant):
     ids = ids_for(2, 10)
     grads = []
     for checkpointing in (False, True):
         student = student_for(softmax_layers=[1]).train()
         if checkpointing:
-            getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         loss = student(ids, labels=ids).loss
         assert loss.ndim == 0 and torch.isfinite(loss)
         loss.backward()

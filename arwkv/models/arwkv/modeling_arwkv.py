@@ -50,7 +50,7 @@ TEACHER_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "q
 # for RWKV-7's clamped log-decay w >= -0.6065. Beyond it the factorized exponents overflow fp32.
 
 
-_WKV7_GROUP_ROWS = 8192
+_WKV7_GROUP_ROWS = 2048
 
 
 def _wkv7_schedule(offsets: list[int], C: int, H: int, device: torch.device):
@@ -58,6 +58,8 @@ def _wkv7_schedule(offsets: list[int], C: int, H: int, device: torch.device):
 
     Chunks are laid out step-major (all first chunks, then all second chunks, ...) over the sequences sorted
     longest first, so sequential step n is one contiguous slice of the `active[n]` still-running sequences.
+    Returns `active`, `order` (slot -> sequence), `rows`: for each (chunk, head, position) row its row in
+    x.reshape(tokens * H, D) (padding rows point at row 0), `valid` (None when there is no padding), `unsort`.
     """
     N = len(offsets) - 1
     nch = [-(-(offsets[i + 1] - offsets[i]) // C) for i in range(N)]
@@ -70,23 +72,20 @@ def _wkv7_schedule(offsets: list[int], C: int, H: int, device: torch.device):
     for n in range(steps):
         alive -= hist[n]
         active.append(alive)
-    M, total = sum(active), offsets[-1]
+    M = sum(active)
     act = torch.tensor(active, dtype=torch.long)
     starts = torch.tensor([offsets[s] for s in order], dtype=torch.long)
     ends = torch.tensor([offsets[s + 1] for s in order], dtype=torch.long)
     step = torch.repeat_interleave(torch.arange(steps), act)
     slot = torch.arange(M) - torch.repeat_interleave(act.cumsum(0) - act, act)
-    tok = (starts[slot] + step * C)[:, None] + torch.arange(C)  # [M, C] token of each chunk row
-    valid = tok < ends[slot][:, None]
-    # gather rows of x.reshape(total * H, D) into [M, H, C, D]; padding reads zero rows appended at `total`
-    src = torch.where(valid, tok, total)[:, None, :] * H + torch.arange(H)[None, :, None]
-    base = torch.empty(total, dtype=torch.long)
-    base[tok[valid]] = (torch.arange(M)[:, None] * (H * C) + torch.arange(C))[valid]
-    dst = base[:, None] + torch.arange(H) * C  # [total, H] row of each (token, head) in [M, H, C, V]
+    tok = (starts[slot] + step * C)[:, None, None] + torch.arange(C)  # [M, 1, C] token of each chunk row
+    ok = tok < ends[slot][:, None, None]
+    rows = (torch.where(ok, tok, 0) * H + torch.arange(H)[:, None]).flatten()  # [M * H * C]
+    valid = ok.expand(M, H, C).flatten()
     unsort = torch.empty(N, dtype=torch.long)
     unsort[torch.tensor(order, dtype=torch.long)] = torch.arange(N)
-    pad = not bool(valid.all())
-    return active, order, src.flatten().to(device), dst.flatten().to(device), unsort.to(device), pad
+    valid = None if bool(valid.all()) else valid.to(device)
+    return active, torch.tensor(order, device=device), rows.to(device), valid, unsort.to(device)
 
 
 def _wkv7_inv_unit_lower(A: torch.Tensor) -> torch.Tensor:
@@ -96,6 +95,166 @@ def _wkv7_inv_unit_lower(A: torch.Tensor) -> torch.Tensor:
         A = A @ A
         P = P + P @ A
     return P
+
+
+def _wkv7_prep(g, r, k, v, a, b, scale: float, mask: torch.Tensor):
+    """Everything of a group of chunks that does not depend on the state (README §3): inputs [P, C, D]."""
+    P, C, K = g.shape
+    # exponents relative to the chunk start (README §3.3): γ inclusive cumsum, γ⁻ = γ - g
+    gam = g.cumsum(1)
+    e = gam.exp()
+    ein = e.reciprocal()
+    em = (gam - g).exp()
+    left, right = g.new_empty(P, 2 * C, K), g.new_empty(P, 2 * C, K)  # [r̃; ã], [k e^{-γ}; b e^{-γ}]
+    torch.mul(r, e, out=left[:, :C])
+    if scale != 1.0:
+        left[:, :C].mul_(scale)
+    torch.mul(a, em, out=left[:, C:])
+    torch.mul(k, ein, out=right[:, :C])
+    torch.mul(b, ein, out=right[:, C:])
+    L = (left @ right.mT).masked_fill_(mask, 0)  # [[A_qk, A_qb], [A_ak, A_ab]]
+    Tm = _wkv7_inv_unit_lower(L[:, C:, C:])
+    WU0 = Tm @ torch.cat([left[:, C:], L[:, C:, :C] @ v], -1)  # [W | U⁰]
+    return e, ein, em, e[:, -1:, :], left, right, L, Tm, WU0
+
+
+def _wkv7_fwd(xs, h_in, sizes: list[int], scale: float, mask: torch.Tensor):
+    """One group of chunk steps: xs = (g, r, k, v, a, b) [P, C, D] (P = chunk-heads, step-major, `sizes` per
+    step), h_in [>= sizes[0], K, V]. Returns O [P, C, V], h_out (like h_in: each slot's state after its last
+    step here), Hp [P, K, V] (the state entering each chunk)."""
+    g, v = xs[0], xs[3]
+    P, C, K, V = g.shape[0], g.shape[1], g.shape[2], v.shape[2]
+    e, ein, em, eC, left, right, L, Tm, WU0 = _wkv7_prep(*xs, scale, mask)
+    W, U0 = WU0[..., :K], WU0[..., K:]
+    hat = right * eC  # [K̂; B̂] = [k; b] e^{γ_C - γ}
+    KV = hat[:, :C].mT @ v
+    U, Hp = torch.empty_like(U0), g.new_empty(P + sizes[0], K, V)
+    Hp[: sizes[0]].copy_(h_in[: sizes[0]])
+    h_out = torch.empty_like(h_in)
+    if h_in.shape[0] > sizes[0]:  # empty sequences (first group only): final state = initial state
+        h_out[sizes[0] :].copy_(h_in[sizes[0] :])
+    lo = 0
+    for i, n in enumerate(sizes):
+        h, nxt = Hp[lo : lo + n], Hp[lo + n : lo + 2 * n]
+        torch.baddbmm(U0[lo : lo + n], W[lo : lo + n], h, out=U[lo : lo + n])
+        torch.addcmul(KV[lo : lo + n], eC[lo : lo + n].mT, h, out=nxt)
+        nxt.baddbmm_(hat[lo : lo + n, C:].mT, U[lo : lo + n])
+        m = sizes[i + 1] if i + 1 < len(sizes) else 0
+        if m < n:  # sequences whose last chunk this was (their rows of `nxt` get overwritten next step)
+            h_out[m:n].copy_(nxt[m:])
+        lo += n
+    Hp = Hp[:P]
+    O = torch.baddbmm(torch.baddbmm(L[:, :C, :C] @ v, left[:, :C], Hp), L[:, :C, C:], U)
+    return O, h_out, Hp
+
+
+def _wkv7_bwd(xs, Hp, dO, dh_out, sizes: list[int], scale: float, mask: torch.Tensor):
+    """Gradients of one _wkv7_fwd group (README §4): recompute, reverse state loop, batched matmuls."""
+    v = xs[3]
+    C, K = v.shape[1], Hp.shape[1]
+    e, ein, em, eC, left, right, L, Tm, WU0 = _wkv7_prep(*xs, scale, mask)
+    dC = eC.mT
+    rt, at, kin, bin_ = left[:, :C], left[:, C:], right[:, :C], right[:, C:]
+    W = WU0[..., :K]
+    U = torch.baddbmm(WU0[..., K:], W, Hp)
+    dU_loc = L[:, :C, C:].mT @ dO
+    dh_O = rt.mT @ dO
+    dX, dU = torch.empty_like(Hp), torch.empty_like(U)
+    dh = dh_out[: sizes[-1]]
+    lo = len(Hp)
+    for i in reversed(range(len(sizes))):
+        n = sizes[i]
+        lo -= n
+        if dh.shape[0] < n:  # sequences whose last chunk was step i
+            dh = torch.cat([dh, dh_out[dh.shape[0] : n]])
+        dX_i, dU_i = dX[lo : lo + n], dU[lo : lo + n]
+        torch.mul(dh, dC[lo : lo + n], out=dX_i)
+        torch.baddbmm(dU_loc[lo : lo + n], bin_[lo : lo + n], dX_i, out=dU_i)
+        dh = torch.baddbmm(dh_O[lo : lo + n], W[lo : lo + n].mT, dU_i).add_(dX_i)
+    if dh.shape[0] < dh_out.shape[0]:  # empty sequences: final state = initial state
+        dh = torch.cat([dh, dh_out[dh.shape[0] :]])
+    VU = torch.cat([v, U], 1)
+    Z = VU @ dX.mT  # [v dXᵀ; U dXᵀ]: the state update's share of d(k e^{-γ}), d(b e^{-γ})
+    dgC = (dX * Hp).sum(-1) + (right * Z).sum(1)  # direct dependence of the state on γ_C
+    dY = Tm.mT @ torch.cat([dU @ Hp.mT, dU], -1)  # through W = T ã and U⁰ = T A_ak v
+    dL = torch.cat([dO @ VU.mT, torch.cat([dY[..., K:] @ v.mT, dY @ WU0.mT], -1)], 1).masked_fill_(mask, 0)
+    dleft = dL @ right
+    dright = torch.baddbmm(Z, dL.mT, left)
+    drt = torch.baddbmm(dleft[:, :C], dO, Hp.mT)
+    dat = dleft[:, C:] + dY[..., :K]
+    dkin, dbin = dright[:, :C], dright[:, C:]
+    dv = torch.baddbmm(L[:, :, :C].mT @ torch.cat([dO, dY[..., K:]], 1), kin, dX)
+    dgam = drt * rt + dat * at - dkin * kin - dbin * bin_
+    dgam[:, -1] += dgC
+    dg = dgam.flip(1).cumsum(1).flip(1) - dat * at
+    dr = drt * e if scale == 1.0 else drt * e * scale
+    return (dg, dr, dkin * ein, dv, dat * em, dbin * ein), dh
+
+
+def _wkv7_gather(flat, idx: torch.Tensor, keep: torch.Tensor | None, C: int, cdt: torch.dtype):
+    """Rows idx of each [tokens * H, D] input as [P, C, D] in the compute dtype; padding: decay 1, no write"""
+    xs = [x.index_select(0, idx).view(-1, C, x.shape[-1]).to(cdt) for x in flat]
+    if keep is not None:  # r, a of padding rows reach nothing
+        for j in (0, 2, 3, 5):
+            xs[j] = torch.where(keep, xs[j], 0)
+    return xs
+
+
+def _wkv7_run(flat, h0, plan, scale: float, mask: torch.Tensor, cdt: torch.dtype, save: bool):
+    """Forward over all groups: o [tokens * H, V], final states [N * H, K, V] (sorted slots), saved states."""
+    groups, active, rows, valid, H, C = plan
+    o = flat[3].new_empty(flat[3].shape)
+    hT = torch.empty_like(h0)
+    h, saved = h0, []
+    for n0, n1, r0, r1 in groups:
+        idx = rows[r0:r1]
+        keep = None if valid is None else valid[r0:r1].view(-1, C, 1)
+        O, h_out, Hp = _wkv7_fwd(
+            _wkv7_gather(flat, idx, keep, C, cdt), h, [n * H for n in active[n0:n1]], scale, mask
+        )
+        if save:
+            saved.append(Hp)
+        O = O.view(-1, O.shape[-1]).to(o.dtype)
+        if keep is not None:
+            idx, O = idx[keep.flatten()], O[keep.flatten()]
+        o.index_copy_(0, idx, O)
+        nxt = active[n1] * H if n1 < len(active) else 0
+        hT[nxt : h.shape[0]] = h_out[nxt:]
+        h = h_out[:nxt]
+    return o, hT, saved
+
+
+class _Wkv7Chunked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, r, k, v, a, b, h0, plan, scale, mask, cdt):
+        o, hT, saved = _wkv7_run((w, r, k, v, a, b), h0, plan, scale, mask, cdt, save=True)
+        ctx.save_for_backward(w, r, k, v, a, b, *saved)
+        ctx.plan, ctx.scale, ctx.mask, ctx.cdt = plan, scale, mask, cdt
+        return o, hT
+
+    @staticmethod
+    def backward(ctx, do, dhT):
+        flat, Hps = ctx.saved_tensors[:6], ctx.saved_tensors[6:]
+        groups, active, rows, valid, H, C = ctx.plan
+        grads = [torch.empty_like(x) for x in flat]  # every token row is written exactly once below
+        dh = None  # gradient of the state entering the group after this one
+        for gi in reversed(range(len(groups))):
+            n0, n1, r0, r1 = groups[gi]
+            idx = rows[r0:r1]
+            keep = None if valid is None else valid[r0:r1].view(-1, C, 1)
+            dO = do.index_select(0, idx).view(-1, C, do.shape[-1]).to(ctx.cdt)
+            if keep is not None:
+                dO = torch.where(keep, dO, 0)
+            n_in = len(dhT) if gi == 0 else active[n0] * H
+            dh_out = dhT[:n_in] if dh is None else torch.cat([dh, dhT[len(dh) : n_in]])
+            xs = _wkv7_gather(flat, idx, keep, C, ctx.cdt)
+            gs, dh = _wkv7_bwd(xs, Hps[gi], dO, dh_out, [n * H for n in active[n0:n1]], ctx.scale, ctx.mask)
+            if keep is not None:
+                idx = idx[keep.flatten()]
+            for dx, gx in zip(grads, gs, strict=True):
+                gx = gx.reshape(-1, gx.shape[-1]).to(dx.dtype)
+                dx.index_copy_(0, idx, gx if keep is None else gx[keep.flatten()])
+        return (*grads, dh, None, None, None, None)
 
 
 def wkv7_chunked(
@@ -116,7 +275,7 @@ def wkv7_chunked(
     Returns (o [B, T, H, V] in v's dtype, final state in fp32 (fp64 for fp64 inputs) or None).
     """
     B, T, H, K = r.shape
-    V, out_dtype, dev = v.shape[-1], v.dtype, r.device
+    V, dev = v.shape[-1], r.device
     C = int(chunk_size)
     cdt = (
         torch.float64
@@ -124,70 +283,33 @@ def wkv7_chunked(
         else torch.float32
     )
     offsets = cu_seqlens.tolist() if cu_seqlens is not None else [i * T for i in range(B + 1)]
-    active, order, src, dst, unsort, pad = _wkv7_schedule(offsets, C, H, dev)
-    M, N = sum(active), len(offsets) - 1
-
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [M * H, C, D], step-major chunks
-        x = x.reshape(-1, x.shape[-1])
-        if pad:
-            x = torch.cat([x, x.new_zeros(H, x.shape[-1])])
-        return x.index_select(0, src).view(M * H, C, -1).to(cdt)
-
-    g_all, r_all, k_all, v_all, a_all, b_all = (chunks(x) for x in (w, r, k, v, a, b))
+    active, order, rows, valid, unsort = _wkv7_schedule(offsets, C, H, dev)
+    N = len(offsets) - 1
+    # Steps run in groups of about _WKV7_GROUP_ROWS (chunk, head, position) rows: every intermediate stays
+    # small, so it is cache-resident and reuses freed memory instead of page-faulting in fresh allocations.
+    groups, n0, r0 = [], 0, 0
+    while n0 < len(active):
+        n1, r1 = n0, r0
+        while n1 < len(active) and (n1 == n0 or r1 - r0 + active[n1] * H * C <= _WKV7_GROUP_ROWS):
+            r1 += active[n1] * H * C
+            n1 += 1
+        groups.append((n0, n1, r0, r1))
+        n0, r0 = n1, r1
+    plan = (groups, active, rows, valid, H, C)
     above = torch.ones(C, C, dtype=torch.bool, device=dev).triu(1)
     strict = above | torch.eye(C, dtype=torch.bool, device=dev)
     mask = torch.cat([torch.cat([above, above], 1), torch.cat([strict, strict], 1)])  # j > i / j >= i
     if initial_state is None:
-        h = torch.zeros(N * H, K, V, dtype=cdt, device=dev)
+        h0 = torch.zeros(N * H, K, V, dtype=cdt, device=dev)
     else:
-        h = initial_state.to(cdt).index_select(0, torch.tensor(order, device=dev)).view(N * H, K, V)
-    finished, outs = [], []
-    # Steps are processed in groups of about _WKV7_GROUP_ROWS (chunk, head, position) rows so that every
-    # intermediate stays small (cache-resident, no page faults for fresh large allocations).
-    n0, m0 = 0, 0
-    while n0 < len(active):
-        n1, rows = n0, 0
-        while n1 < len(active) and (n1 == n0 or rows + active[n1] * H * C <= _WKV7_GROUP_ROWS):
-            rows += active[n1] * H * C
-            n1 += 1
-        m1 = m0 + rows // C
-        g, r, k, v, a, b = (x[m0:m1] for x in (g_all, r_all, k_all, v_all, a_all, b_all))
-        # exponents relative to the chunk start (README §3.3): γ inclusive cumsum, γ⁻ = γ - g
-        gam = g.cumsum(-2)
-        e = gam.exp()
-        ein = e.reciprocal()
-        eC = e[:, -1:, :]
-        rt = r * e if scale == 1.0 else r * e * scale
-        at = a * (gam - g).exp()
-        kin, bin_ = k * ein, b * ein
-        L = (torch.cat([rt, at], 1) @ torch.cat([kin, bin_], 1).mT).masked_fill(mask, 0)
-        Aqk, Aqb, Aak, Aab = L[:, :C, :C], L[:, :C, C:], L[:, C:, :C], L[:, C:, C:]
-        W, U0 = (_wkv7_inv_unit_lower(Aab) @ torch.cat([at, Aak @ v], -1)).split([K, V], -1)
-        KV = (kin * eC).mT @ v  # K̂ᵀ V
-        bT = (bin_ * eC).mT  # B̂ᵀ
-        dC = eC.mT
-        hs, us = [], []
-        sizes = [n * H for n in active[n0:n1]]
-        for i, (W_n, U0_n, KV_n, bT_n, dC_n) in enumerate(
-            zip(*(torch.split(x, sizes) for x in (W, U0, KV, bT, dC)), strict=True)
-        ):
-            if sizes[i] < h.shape[0]:  # sequences that ended: keep their final state
-                finished.append(h[sizes[i] :])
-                h = h[: sizes[i]]
-            U_n = torch.baddbmm(U0_n, W_n, h)
-            hs.append(h)
-            us.append(U_n)
-            h = torch.baddbmm(KV_n, bT_n, U_n).addcmul_(dC_n, h)
-        Hp, U = (torch.cat(hs), torch.cat(us)) if len(hs) > 1 else (hs[0], us[0])
-        outs.append(torch.baddbmm(torch.baddbmm(Aqk @ v, rt, Hp), Aqb, U))
-        n0, m0 = n1, m1
-    finished.append(h)
-    O = torch.cat(outs) if len(outs) > 1 else outs[0]  # [M * H, C, V]
-    o = O.view(-1, V).index_select(0, dst).view(B, T, H, V).to(out_dtype)
-    final = None
-    if output_final_state:
-        final = torch.cat(finished[::-1]).view(N, H, K, V).index_select(0, unsort)
-    return o, final
+        h0 = initial_state.to(cdt).index_select(0, order).view(N * H, K, V)
+    flat = [x.reshape(-1, x.shape[-1]) for x in (w, r, k, v, a, b)]  # rows = (token, head)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*flat, h0)):
+        o, hT = _Wkv7Chunked.apply(*flat, h0, plan, scale, mask, cdt)
+    else:
+        o, hT, _ = _wkv7_run(flat, h0, plan, scale, mask, cdt, save=False)
+    final = hT.view(N, H, K, V).index_select(0, unsort) if output_final_state else None
+    return o.view(B, T, H, V), final
 
 
 # </wkv7-chunked>
