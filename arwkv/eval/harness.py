@@ -159,6 +159,7 @@ def evaluate(
     out = {
         "results": {m: {} for m in models},
         "seconds": {m: {} for m in models},
+        "cpu_seconds": {m: {} for m in models},
         "reference": reference,
         "config": {
             "tasks": list(tasks),
@@ -172,7 +173,7 @@ def evaluate(
     }
     for task in tasks:
         for name, (model, tok) in models.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             if task == "wikitext":
                 r = perplexity.text_perplexity(
                     model,
@@ -205,6 +206,8 @@ def evaluate(
                 scores = _score_task(model, tok, task, data_dir, limit, batch_size, progress)
             out["results"][name][task] = scores
             out["seconds"][name][task] = round(time.perf_counter() - start, 2)
+            # CPU seconds of this process: the cost on an idle machine when wall time is inflated by sharing.
+            out["cpu_seconds"][name][task] = round(time.process_time() - cpu_start, 2)
             if on_result:
                 on_result(out)
     return out

@@ -80,12 +80,11 @@ def markdown(result: dict) -> str:
         f"better; retention = model / {ref} (inverted for ↓ metrics, so 100% = as good as {ref}).",
         f"limit={cfg.get('limit')}, batch_size={cfg.get('batch_size')}, data: {cfg.get('data_dir')}.",
     ]
-    secs = result.get("seconds", {})
-    if secs:
-        notes.append(
-            "Seconds: "
-            + "; ".join(f"{m}: " + ", ".join(f"{t} {s:.0f}" for t, s in v.items()) for m, v in secs.items())
-        )
+    for key, label in (("seconds", "Wall seconds"), ("cpu_seconds", "CPU seconds")):
+        secs = result.get(key, {})
+        if any(secs.values()):
+            per_model = (f"{m}: " + ", ".join(f"{t} {s:.0f}" for t, s in v.items()) for m, v in secs.items())
+            notes.append(f"{label}: " + "; ".join(per_model))
     return "\n".join(lines + notes) + "\n"
 
 
