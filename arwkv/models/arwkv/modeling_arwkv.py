@@ -89,12 +89,31 @@ def _wkv7_schedule(offsets: list[int], C: int, H: int, device: torch.device):
 
 
 def _wkv7_inv_unit_lower(A: torch.Tensor) -> torch.Tensor:
-    """(I - A)^-1 for strictly lower-triangular A as (I + A)(I + A^2)(I + A^4)... (exact: A^C = 0)."""
-    P = A + torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    for _ in range((A.shape[-1] - 1).bit_length() - 1):
-        A = A @ A
-        P = P + P @ A
-    return P
+    """(I - A)^-1 for strictly lower-triangular A [.., C, C] (no autograd; README §3.2).
+
+    Blocks of 16 use the exact product (I + A)(I + A^2)(I + A^4)(I + A^8) (A^16 = 0 there); longer chunks
+    combine those blocks by block forward substitution, because the power sums of a long chunk cancel badly
+    in fp32 when C >> K and the transitions are near-projections.
+    """
+    C, bs = A.shape[-1], 16
+    if C <= bs:
+        P = A + torch.eye(C, dtype=A.dtype, device=A.device)
+        for _ in range((C - 1).bit_length() - 1):
+            A = A @ A
+            P = P + P @ A
+        return P
+    nb = -(-C // bs)
+    if C % bs:
+        A = torch.nn.functional.pad(A, (0, nb * bs - C, 0, nb * bs - C))
+    D = A.unflatten(-2, (nb, bs)).unflatten(-1, (nb, bs)).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+    Td = _wkv7_inv_unit_lower(D)  # [.., nb, bs, bs] diagonal blocks
+    T = torch.zeros_like(A)
+    T[..., :bs, :bs] = Td[..., 0, :, :]
+    for i in range(1, nb):
+        rows = slice(i * bs, (i + 1) * bs)
+        T[..., rows, : i * bs] = Td[..., i, :, :] @ (A[..., rows, : i * bs] @ T[..., : i * bs, : i * bs])
+        T[..., rows, rows] = Td[..., i, :, :]
+    return T[..., :C, :C]
 
 
 def _wkv7_prep(g, r, k, v, a, b, scale: float, mask: torch.Tensor):
