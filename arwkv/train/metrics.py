@@ -16,6 +16,20 @@ from arwkv.train.forward import Batch, hidden_states
 from arwkv.train.losses import shift_labels
 
 
+def _hidden(model: nn.Module, batch: Batch):
+    """hidden_states(), also for `arwkv.eval.baselines.SinkWindowBaseline` (the teacher seen through another
+    attention implementation, switched on only for its own forward)."""
+    impl, inner = getattr(model, "impl", None), getattr(model, "teacher", None)
+    if impl is None or inner is None:
+        return hidden_states(model, batch)
+    config = inner.config
+    previous, config._attn_implementation = config._attn_implementation, impl
+    try:
+        return hidden_states(inner, batch)
+    finally:
+        config._attn_implementation = previous
+
+
 @torch.no_grad()
 def heldout_metrics(
     student: nn.Module,
@@ -36,7 +50,7 @@ def heldout_metrics(
         labels, weight = shift_labels(b["input_ids"], b.get("attention_mask"), b.get("position_ids"))
         idx = weight.reshape(-1).nonzero().squeeze(-1)
         y_all = labels.reshape(-1)
-        h_s, head_s = hidden_states(student, b)
+        h_s, head_s = _hidden(student, b)
         h_s = h_s.reshape(-1, h_s.shape[-1])
         if teacher is not None:
             h_t, head_t = hidden_states(teacher, b)

@@ -1,0 +1,337 @@
+"""The `arwkv` command.
+
+    arwkv convert --recipe stories260k [key=value ...]     whole pipeline (teacher → student → report)
+    arwkv align|distill|sft --from PATH [--recipe R] [...] one stage, starting from a saved student/checkpoint
+    arwkv generate PATH [PROMPT]                           sample from a student (or any teacher), streamed
+    arwkv chat PATH                                        multi-turn chat with the tokenizer's template
+    arwkv eval ...                                         benchmark tasks (arwkv.eval)
+
+The same command runs under `torchrun --nproc-per-node N -m arwkv ...` or `accelerate launch -m arwkv ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from arwkv.errors import ArwkvError
+
+EXAMPLES = """examples:
+  arwkv convert --recipe stories260k
+  arwkv convert --recipe smollm2-135m distill.tokens=2e6 out_dir=runs/smol-long
+  arwkv convert --recipe my.yaml student.init=fresh align.loss=l2
+  arwkv distill --from runs/stories260k/align distill.lr=5e-4
+  arwkv generate runs/stories260k/final --max-new-tokens 64
+  arwkv chat runs/smollm2-135m/final
+"""
+
+
+def _recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument(
+        "--recipe",
+        required=required,
+        metavar="NAME|PATH",
+        help="shipped recipe name (stories260k, smollm2-135m, qwen2.5-7b) or a YAML file",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override any recipe key, e.g. distill.lr=1e-3 data.train=[a.jsonl,b.txt] out_dir=runs/x",
+    )
+    p.add_argument("--help-keys", action="store_true", help="list every recipe key with its default and exit")
+    p.add_argument("--fresh", action="store_true", help="ignore an earlier run in out_dir (resume=false)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="arwkv",
+        description="Turn a pretrained Hugging Face Transformer into an RWKV-7 RNN by distillation.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from arwkv import __version__
+
+    parser.add_argument("--version", action="version", version=f"arwkv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "convert",
+        help="run the whole pipeline from a recipe",
+        description="Load the teacher, build the RWKV-7 student, get data (files, or the teacher "
+        "writes it), run align → distill → sft (as enabled), evaluate on held-out data, save "
+        "<out_dir>/final and <out_dir>/report.md. Rerunning the same command resumes.",
+    )
+    _recipe_args(p, required=False)
+    p.set_defaults(func=cmd_convert)
+
+    stage_help = {
+        "align": "stage 1: teacher-forced attention-output alignment (mixers only)",
+        "distill": "stage 2: logit distillation, forward KL over the full vocabulary",
+        "sft": "stage 3: supervised fine-tuning on assistant tokens",
+    }
+    for stage, text in stage_help.items():
+        p = sub.add_parser(
+            stage, help=text, description=f"{text}. Runs only this stage, starting from --from."
+        )
+        p.add_argument(
+            "--from",
+            dest="source",
+            required=True,
+            metavar="PATH",
+            help="a saved student (final/), a stage folder (runs/x/align) or a checkpoint (step_…)",
+        )
+        _recipe_args(p, required=False)
+        p.set_defaults(func=cmd_stage, stage=stage)
+
+    for name, text in (("generate", "sample a continuation, streamed"), ("chat", "talk to a model")):
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=f"{text.capitalize()} (a student folder or any teacher "
+            "spec). Without a tokenizer, prompts and outputs are token ids.",
+        )
+        p.add_argument("model", help="student folder (runs/x/final) or teacher (HF id/folder, .bin, .gguf)")
+        if name == "generate":
+            p.add_argument(
+                "prompt",
+                nargs="?",
+                default=None,
+                help="prompt text (token ids separated by spaces for a model without tokenizer)",
+            )
+        else:
+            p.add_argument("--system", default=None, help="system message")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=50)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto")
+        p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
+
+    p = sub.add_parser(
+        "eval",
+        help="benchmark models (delegates to arwkv.eval)",
+        add_help=False,
+        description="Evaluate teacher / student / baselines; arguments go to arwkv.eval.",
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+
+def _load_cfg(args, default_recipe: str | None = None):
+    from arwkv.config import load_recipe
+
+    recipe = args.recipe or default_recipe
+    if recipe is None:
+        raise ArwkvError("give --recipe NAME|PATH (see `arwkv convert --help`)")
+    overrides = list(args.overrides)
+    if args.fresh:
+        overrides.append("resume=false")
+    return load_recipe(recipe, overrides)
+
+
+def _print_keys() -> int:
+    import dataclasses
+
+    from arwkv.config import RecipeConfig
+
+    def walk(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+            else:
+                print(f"{prefix}{f.name} = {v!r}")
+
+    walk(RecipeConfig())
+    return 0
+
+
+def cmd_convert(args) -> int:
+    if args.help_keys:
+        return _print_keys()
+    from arwkv.recipes.convert import run
+
+    result = run(_load_cfg(args))
+    print(f"student: {result.final_dir}\nreport:  {result.run_dir / 'report.md'}")
+    return 0
+
+
+def _recipe_near(source: str) -> str | None:
+    """The config.yaml of the run a --from path belongs to (runs/x/align/checkpoints/step_… → runs/x)."""
+    for parent in [Path(source), *Path(source).parents]:
+        if (parent / "config.yaml").is_file() and (parent / "summary.json").is_file():
+            return str(parent / "config.yaml")
+    return None
+
+
+def cmd_stage(args) -> int:
+    if args.help_keys:
+        return _print_keys()
+    from arwkv.recipes.convert import run
+
+    cfg = _load_cfg(args, _recipe_near(args.source))
+    getattr(cfg, args.stage).enabled = True
+    result = run(cfg, stages=[args.stage], student_from=args.source)
+    print(f"student: {result.final_dir}\nreport:  {result.run_dir / 'report.md'}")
+    return 0
+
+
+def _load_for_generation(spec: str, device: str):
+    import torch
+
+    from arwkv.train.distributed import resolve_device
+
+    dev = resolve_device(device)
+    path = Path(spec)
+    if (path / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import arwkv.models.arwkv  # noqa: F401  (Auto classes)
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tok = None
+        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            tok = AutoTokenizer.from_pretrained(path)
+    else:
+        from arwkv.convert.teachers import load_teacher
+
+        model, tok = load_teacher(spec)
+    return model.to(dev).eval(), tok, dev
+
+
+class _IdStreamer:
+    """Streams token ids (models without a tokenizer)."""
+
+    def __init__(self) -> None:
+        self.first = True
+
+    def put(self, value) -> None:
+        if self.first:  # generate() hands the prompt first
+            self.first = False
+            return
+        print(" ".join(str(int(t)) for t in value.reshape(-1)), end=" ", flush=True)
+
+    def end(self) -> None:
+        print(flush=True)
+
+
+def _generate(model, tok, dev, input_ids, args, streamer):
+    import torch
+
+    torch.manual_seed(args.seed)
+    sample = args.temperature > 0
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=sample,
+        streamer=streamer,
+        pad_token_id=(tok.pad_token_id or tok.eos_token_id) if tok is not None else 0,
+    )
+    if sample:
+        kwargs.update(temperature=args.temperature, top_k=args.top_k or None)
+    ids = torch.tensor([input_ids], device=dev)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def cmd_generate(args) -> int:
+    model, tok, dev = _load_for_generation(args.model, args.device)
+    if tok is None:
+        bos = model.config.bos_token_id if model.config.bos_token_id is not None else 1
+        try:
+            ids = [int(t) for t in args.prompt.split()] if args.prompt else [bos]
+        except ValueError:
+            raise ArwkvError(
+                'this model has no tokenizer: give the prompt as token ids, e.g. "1 403 12"'
+            ) from None
+        _generate(model, tok, dev, ids, args, _IdStreamer())
+        return 0
+    from transformers import TextStreamer
+
+    prompt = args.prompt or ""
+    ids = (
+        tok(prompt, add_special_tokens=True)["input_ids"]
+        if prompt
+        else [tok.bos_token_id or tok.eos_token_id]
+    )
+    print(prompt, end="", flush=True)
+    _generate(model, tok, dev, ids, args, TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    model, tok, dev = _load_for_generation(args.model, args.device)
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ArwkvError(f"{args.model} has no tokenizer with a chat template; use `arwkv generate` instead")
+    from transformers import TextStreamer
+
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("(empty line or Ctrl-D to quit)")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        print("model> ", end="", flush=True)
+        reply = _generate(
+            model, tok, dev, ids, args, TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        )
+        messages.append({"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)})
+    return 0
+
+
+def cmd_eval(args) -> int:
+    try:
+        from arwkv.eval import run_eval  # type: ignore[attr-defined]
+    except ImportError:
+        run_eval = None
+    if run_eval is None:
+        raise ArwkvError(
+            "this arwkv has no arwkv.eval.run_eval yet; the conversion report (arwkv convert) "
+            "already holds held-out KL / NLL / top-1 for teacher, baseline and student"
+        )
+    if args.args in (["-h"], ["--help"]) and hasattr(run_eval, "__doc__"):
+        print(run_eval.__doc__)
+        return 0
+    result = run_eval(args.args)
+    return int(result) if isinstance(result, int) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; with an explicit argv (tests, notebooks) it returns the exit status instead of exiting."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0 if argv is not None else sys.exit(0)
+    from arwkv.train.loop import TrainingInterrupted
+
+    try:
+        code = args.func(args)
+    except TrainingInterrupted as e:
+        print(f"\n[arwkv] {e}", file=sys.stderr)
+        code = 130
+    except ArwkvError as e:
+        print(f"[arwkv] error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("\n[arwkv] aborted", file=sys.stderr)
+        code = 130
+    if argv is None:  # console script / python -m arwkv: the exit status is the result
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

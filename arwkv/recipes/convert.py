@@ -1,0 +1,469 @@
+"""The whole conversion, in order (nanochat's speedrun as one function):
+
+    load teacher → build student → data (files, or the teacher writes it) → held-out baselines
+    → stage 1 align → stage 2 distill → stage 3 sft (optional) → save the student (HF folder) → report.md
+
+Every phase records its results in `<run>/summary.json` and every stage checkpoints atomically, so running
+the same command again after a crash, Ctrl-C or a full disk continues where it stopped: finished stages are
+restored from their last checkpoint and skipped, the interrupted one resumes exactly.
+
+Run layout:
+    config.yaml            resolved recipe                summary.json   results so far
+    align/ distill/ sft/   metrics.jsonl, checkpoints/    final/         the student (save_pretrained)
+    report.md, *.png       the report
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from arwkv.config import STAGES, RecipeConfig, StageConfig, load_recipe, save_config, to_dict
+from arwkv.errors import CheckpointError, ConfigError, DataError
+from arwkv.train import checkpoint as ckpt
+from arwkv.train.distributed import DistEnv, barrier, init_distributed
+from arwkv.train.loop import LoopResult, micro_batch_size
+from arwkv.train.metrics import heldout_metrics, iter_batches
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ConvertResult:
+    run_dir: Path
+    final_dir: Path | None
+    summary: dict[str, Any]
+
+
+def _say(env: DistEnv, msg: str) -> None:
+    if env.is_main:
+        print(f"[arwkv] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def load_teacher_model(path: str, dtype: str, device: torch.device, tokenizer_path: str | None = None):
+    """(teacher in eval mode without gradients, tokenizer or None)."""
+    from arwkv.convert.teachers import load_teacher
+
+    if not path:
+        raise ConfigError(
+            "no teacher: set teacher.path (HF id or folder, llama2.c .bin, .gguf, or a known name)"
+        )
+    if dtype not in DTYPES:
+        raise ConfigError(f"teacher.dtype must be one of {', '.join(DTYPES)} (got {dtype})")
+    teacher, tokenizer = load_teacher(path, dtype=DTYPES[dtype])
+    if tokenizer_path:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot load the tokenizer {tokenizer_path}: {e}") from e
+    if tokenizer is not None:
+        from arwkv.data.packing import check_tokenizer_vocab
+
+        check_tokenizer_vocab(tokenizer, teacher)
+    teacher.to(device).eval().requires_grad_(False)
+    return teacher, tokenizer
+
+
+def build_student_for(cfg: RecipeConfig, teacher: nn.Module) -> nn.Module:
+    from arwkv.convert.build import build_student
+
+    torch.manual_seed(cfg.seed)  # fresh-init tensors are random
+    options = dict(cfg.student.mixer)
+    if cfg.student.softmax_layers:
+        options["softmax_layers"] = list(cfg.student.softmax_layers)
+    student = build_student(
+        teacher, init=cfg.student.init, untie_embeddings=cfg.student.untie_embeddings, **options
+    )
+    return student.float().train()
+
+
+def load_student(
+    path: str | Path, cfg: RecipeConfig | None = None, teacher: nn.Module | None = None
+) -> nn.Module:
+    """A student from an HF folder (`final/`), a training checkpoint (`step_…/`) or a stage folder (its latest
+    checkpoint). Checkpoints need the teacher and recipe to rebuild the architecture first."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        import arwkv.models.arwkv  # noqa: F401  (registers the Auto classes)
+
+        return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).train()
+    if (p / "checkpoints").is_dir():
+        latest = ckpt.latest_checkpoint(p / "checkpoints")
+        if latest is None:
+            raise CheckpointError(f"{p} has no complete checkpoint")
+        p = latest
+    if not (p / "model.safetensors").is_file():
+        raise CheckpointError(f"{path} is neither a saved student (config.json) nor a training checkpoint")
+    if cfg is None or teacher is None:
+        raise CheckpointError(f"{path} is a training checkpoint: loading it needs the recipe and its teacher")
+    student = build_student_for(cfg, teacher)
+    restore_student(student, p)
+    return student
+
+
+def restore_student(student: nn.Module, checkpoint: Path) -> None:
+    """Load the student tensors of a training checkpoint (saved from a stage task, keys `student.…`)."""
+    sd = {k.removeprefix("student."): v for k, v in ckpt.load_model_state(checkpoint).items()}
+    missing, unexpected = student.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{checkpoint} does not match the student: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (was the recipe's student section changed?)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class RunData:
+    """Where each stage's rows come from, and the held-out batches."""
+
+    cfg: RecipeConfig
+    teacher: nn.Module
+    tokenizer: Any
+    corpus: Any  # TeacherCorpus in data-free mode, else None
+    heldout: dict[str, torch.Tensor]
+    sampling_s: float = 0.0
+
+    def rows(self, stage: str, seq_len: int):
+        """PackedCorpus for a stage at its sequence length (cached on disk for file data)."""
+        d = self.cfg.data
+        sources = d.sft if stage == "sft" and d.sft else d.train
+        if not sources:
+            if self.corpus is None:
+                raise DataError(
+                    "no training data: give data.train files or leave it empty for data-free mode"
+                )
+            return self.corpus.packed(
+                "train", seq_len=seq_len, reply_only=stage == "sft" and d.chat, pad_id=_pad_id(self.tokenizer)
+            )
+        if self.tokenizer is None:
+            raise DataError(
+                "data files need the teacher's tokenizer; this teacher has none (use data-free mode "
+                "with data.train=[] or set teacher.tokenizer)"
+            )
+        from arwkv.data.packing import build_corpus
+
+        return build_corpus(
+            sources,
+            self.tokenizer,
+            seq_len,
+            teacher=self.teacher,
+            text_field=d.text_field,
+            cache_dir=_cache_dir(self.cfg, "data"),
+            progress=_is_main(),
+        )
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer is None:
+        return 0
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
+def _cache_dir(cfg: RecipeConfig, kind: str) -> Path:
+    if kind == "teacher_corpus" and cfg.data.data_free.cache_dir:
+        return Path(cfg.data.data_free.cache_dir)
+    return cfg.run_dir.parent / ".cache" / kind
+
+
+def _heldout_from_corpus(corpus, n: int) -> dict[str, torch.Tensor]:
+    """One sampled sequence per row, right-padded: no packing, so every baseline sees whole documents."""
+    ids, lengths = corpus.heldout[:n], corpus.heldout_lengths[:n]
+    t = ids.shape[1]
+    mask = (torch.arange(t)[None] < lengths[:, None]).long()
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": torch.arange(t).expand_as(ids).contiguous(),
+    }
+
+
+def prepare_data(cfg: RecipeConfig, teacher: nn.Module, tokenizer, env: DistEnv) -> RunData:
+    """Training corpus (data-free: sampled by the teacher, cached; rank 0 samples, the others read the cache)
+    and the held-out set."""
+    from arwkv.data.teacher_corpus import teacher_corpus
+
+    d, h = cfg.data, cfg.data.heldout
+    mode = d.data_free.prompts
+    t0 = time.perf_counter()
+
+    def sample(num_train: int, num_heldout: int, seq_len: int):
+        kwargs = dict(
+            num_train=num_train,
+            num_heldout=num_heldout,
+            seq_len=seq_len,
+            mode=mode,
+            tokenizer=tokenizer,
+            temperature=d.data_free.temperature,
+            top_k=d.data_free.top_k,
+            batch_size=d.data_free.batch_size,
+            seed=cfg.seed,
+            cache_dir=_cache_dir(cfg, "teacher_corpus"),
+        )
+        if env.is_main:  # one process samples and fills the cache; the others then read it
+            out = teacher_corpus(teacher, progress=True, **kwargs)
+        barrier()
+        return out if env.is_main else teacher_corpus(teacher, progress=False, **kwargs)
+
+    corpus, heldout = None, None
+    same_len = h.seq_len == d.data_free.seq_len
+    if not d.train:
+        n_held = h.num_sequences if h.source == "teacher" and same_len else 0
+        corpus = sample(d.data_free.num_sequences, n_held, d.data_free.seq_len)
+        if n_held:
+            heldout = _heldout_from_corpus(corpus, h.num_sequences)
+    if heldout is None:
+        if h.source == "teacher":
+            heldout = _heldout_from_corpus(sample(0, h.num_sequences, h.seq_len), h.num_sequences)
+        else:
+            if tokenizer is None:
+                raise DataError(
+                    "a held-out file needs the teacher's tokenizer; use data.heldout.source=teacher"
+                )
+            from arwkv.data.packing import build_corpus
+
+            rows = build_corpus(
+                h.source,
+                tokenizer,
+                h.seq_len,
+                teacher=teacher,
+                cache_dir=_cache_dir(cfg, "data"),
+                progress=env.is_main,
+            )
+            heldout = rows.batch(list(range(min(h.num_sequences, len(rows)))))
+    return RunData(cfg, teacher, tokenizer, corpus, heldout, sampling_s=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def _run_stage(
+    name: str,
+    scfg: StageConfig,
+    student,
+    teacher,
+    distill_teacher,
+    data: RunData,
+    cfg: RecipeConfig,
+    env: DistEnv,
+    eval_fn,
+    config_yaml: str,
+) -> LoopResult:
+    from arwkv.data.packing import PackedLoader
+    from arwkv.recipes.align import run_align
+    from arwkv.recipes.distill import run_distill
+    from arwkv.recipes.sft import run_sft
+
+    rows = data.rows(name, scfg.seq_len)
+    loader = PackedLoader(
+        rows,
+        micro_batch_size(scfg, env.world_size),
+        seed=cfg.seed,
+        shuffle=cfg.data.shuffle,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+    kw = dict(
+        env=env,
+        eval_fn=eval_fn,
+        bf16=cfg.bf16,
+        strategy=cfg.distributed.strategy,
+        config_yaml=config_yaml,
+        resume=cfg.resume,
+    )
+    stage_dir = cfg.run_dir / name
+    if cfg.grad_checkpointing and name != "align" and hasattr(student, "gradient_checkpointing_enable"):
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if name == "align":
+        return run_align(
+            student, teacher, loader, scfg, stage_dir, grad_checkpointing=cfg.grad_checkpointing, **kw
+        )
+    if name == "distill":
+        return run_distill(student, distill_teacher, loader, scfg, stage_dir, **kw)
+    return run_sft(student, loader, scfg, stage_dir, **kw)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def run(cfg: RecipeConfig, stages: list[str] | None = None, student_from: str | None = None) -> ConvertResult:
+    """Run the recipe's enabled stages (or `stages`) and write the student and the report."""
+    t_start = time.perf_counter()
+    env = init_distributed(cfg.device, cfg.distributed.backend)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    run_dir = cfg.run_dir
+    stages = [s for s in (stages or STAGES) if stages or getattr(cfg, s).enabled]
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    config_yaml = (run_dir / "config.yaml").read_text() if env.is_main else None
+    summary_path = run_dir / "summary.json"
+    summary: dict[str, Any] = (
+        json.loads(summary_path.read_text()) if cfg.resume and summary_path.is_file() else {}
+    )
+    summary.setdefault("stages", {})
+    summary["config"] = to_dict(cfg)
+
+    _say(env, f"loading teacher {cfg.teacher.path}")
+    teacher, tokenizer = load_teacher_model(
+        cfg.teacher.path, cfg.teacher.dtype, env.device, cfg.teacher.tokenizer
+    )
+    distill_teacher = teacher
+    if cfg.teacher.distill_path and "distill" in stages:
+        _say(env, f"loading the stage-2 teacher {cfg.teacher.distill_path}")
+        distill_teacher, _ = load_teacher_model(cfg.teacher.distill_path, cfg.teacher.dtype, env.device)
+    from_path = student_from or cfg.student.from_checkpoint
+    student = load_student(from_path, cfg, teacher) if from_path else build_student_for(cfg, teacher)
+    student.to(env.device)
+    summary["models"] = {
+        "teacher": cfg.teacher.path,
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "untied_lm_head": not bool(getattr(student.config, "tie_word_embeddings", False)),
+        "init": cfg.student.init if not from_path else f"from {from_path}",
+    }
+
+    data = prepare_data(cfg, teacher, tokenizer, env)
+    summary.setdefault("sampling_s", data.sampling_s)
+    n_held = int(data.heldout["input_ids"].shape[0])
+    summary["heldout"] = {"sequences": n_held, "seq_len": int(data.heldout["input_ids"].shape[1])}
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return heldout_metrics(
+                    model,
+                    teacher,
+                    iter_batches(data.heldout, cfg.data.heldout.batch_size),
+                    confident_p=cfg.eval.confident_p,
+                    device=env.device,
+                )
+        finally:
+            model.train(was)
+
+    if "baselines" not in summary:
+        summary["baselines"] = _baselines(cfg, teacher, student, data, evaluate, env)
+        if env.is_main:
+            _write_json(summary_path, summary)
+
+    minutes_before, last_after = 0.0, summary["baselines"].get("student_init")
+    for name in stages:
+        scfg: StageConfig = getattr(cfg, name)
+        done = summary["stages"].get(name)
+        if done and done.get("done"):
+            _say(env, f"{name}: already done, restoring its final state")
+            restore_student(student, Path(done["checkpoint"]))
+            minutes_before += done["wall_s"] / 60
+            last_after = done["after"]
+            continue
+        before = summary["stages"].get(name, {}).get("before") or last_after or evaluate(student)
+        summary["stages"][name] = {"before": before, "done": False, "minutes_before": minutes_before}
+        if env.is_main:
+            _write_json(summary_path, summary)
+        _say(env, f"{name}: {scfg.tokens:,} tokens, batch {scfg.batch_size} x {scfg.seq_len}, lr {scfg.lr:g}")
+        res = _run_stage(
+            name,
+            scfg,
+            student,
+            teacher,
+            distill_teacher,
+            data,
+            cfg,
+            env,
+            lambda task: evaluate(task.student),
+            config_yaml,
+        )
+        after = evaluate(student)
+        summary["stages"][name].update(
+            done=True,
+            after=after,
+            steps=res.steps,
+            tokens=res.tokens,
+            wall_s=res.wall_s,
+            tokens_per_s=res.tokens_per_s,
+            final_loss=res.final_loss,
+            checkpoint=str(res.checkpoint),
+            lr=scfg.lr,
+            mixer_lr=scfg.mixer_lr,
+            loss=scfg.loss,
+        )
+        minutes_before += res.wall_s / 60
+        last_after = after
+        _say(
+            env,
+            f"{name}: done in {res.wall_s / 60:.1f} min, {res.tokens_per_s:,.0f} tok/s; held-out "
+            + ", ".join(f"{k} {after[k]:.4g}" for k in ("nll_ratio", "kl", "top1") if k in after),
+        )
+        if env.is_main:
+            _write_json(summary_path, summary)
+
+    final_dir = run_dir / "final"
+    if env.is_main:
+        student.save_pretrained(
+            final_dir, tokenizer=tokenizer
+        ) if tokenizer is not None else student.save_pretrained(final_dir)
+        summary["total_wall_s"] = summary.get("total_wall_s", 0.0) + (time.perf_counter() - t_start)
+        _write_json(summary_path, summary)
+        from arwkv.recipes.report import write_report
+
+        write_report(run_dir, summary)
+        _say(env, f"student saved in {final_dir}; report in {run_dir / 'report.md'}")
+    barrier()
+    return ConvertResult(run_dir, final_dir, summary)
+
+
+def _baselines(cfg: RecipeConfig, teacher, student, data: RunData, evaluate, env: DistEnv) -> dict[str, Any]:
+    """Held-out metrics of the teacher itself, the untrained student and the training-free SWA baseline."""
+    _say(env, "held-out baselines: teacher, untrained student, sliding window + sinks")
+    out = {"teacher": evaluate(teacher), "student_init": evaluate(student)}
+    if cfg.eval.swa_baseline:
+        try:
+            from arwkv.eval.baselines import SinkWindowBaseline
+
+            out["swa"] = evaluate(SinkWindowBaseline(teacher, cfg.eval.swa_window, cfg.eval.swa_sinks))
+            out["swa"]["window"], out["swa"]["sinks"] = cfg.eval.swa_window, cfg.eval.swa_sinks
+        except ImportError:  # an older arwkv.eval without the baseline
+            pass
+    return out
+
+
+def run_recipe(recipe: RecipeConfig | str | Path, overrides: list[str] | None = None) -> ConvertResult:
+    """Whole pipeline from a recipe name, YAML path or RecipeConfig (+ `key=value` overrides).
+
+    >>> from arwkv import run_recipe
+    >>> result = run_recipe("stories260k", ["distill.tokens=1e6"])
+    >>> result.final_dir   # runs/stories260k/final
+    """
+    cfg = recipe if isinstance(recipe, RecipeConfig) else load_recipe(recipe, overrides)
+    if isinstance(recipe, RecipeConfig) and overrides:
+        from arwkv.config import apply_overrides
+
+        apply_overrides(cfg, overrides)
+    return run(cfg)

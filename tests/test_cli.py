@@ -1,0 +1,93 @@
+"""The `arwkv` command: --help everywhere, clear errors on bad input, generation from a saved student."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from arwkv.cli import build_parser, main
+
+SUBCOMMANDS = ["convert", "align", "distill", "sft", "generate", "chat"]
+
+
+def test_top_level_help_runs_as_a_module():
+    out = subprocess.run(
+        [sys.executable, "-m", "arwkv", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0
+    for cmd in SUBCOMMANDS + ["eval"]:
+        assert cmd in out.stdout
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_help_for_every_subcommand(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert f"usage: arwkv {cmd}" in capsys.readouterr().out
+
+
+def test_every_subcommand_is_tested():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(SUBCOMMANDS) | {"eval"}
+
+
+def test_unknown_recipe_key_is_a_clear_error(capsys):
+    assert main(["convert", "--recipe", "stories260k", "distill.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe key 'distill.lrr'" in err and "distill.lr" in err
+
+
+def test_missing_recipe_and_bad_value(capsys):
+    assert main(["convert", "--recipe", "no-such-recipe"]) == 2
+    assert "shipped recipes" in capsys.readouterr().err
+    assert main(["convert", "--recipe", "stories260k", "align.lr=fast"]) == 2
+    assert "align.lr" in capsys.readouterr().err
+
+
+def test_teacher_that_does_not_exist(tmp_path, capsys):
+    code = main(
+        [
+            "convert",
+            "--recipe",
+            "stories260k",
+            "teacher.path=/no/such/teacher.bin",
+            f"out_dir={tmp_path / 'run'}",
+        ]
+    )
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_help_keys_lists_every_key(capsys):
+    assert main(["convert", "--help-keys"]) == 0
+    out = capsys.readouterr().out
+    for key in ("distill.kl_temperature", "align.loss", "student.init", "data.data_free.num_sequences"):
+        assert key in out
+
+
+def test_generate_streams_token_ids_from_a_saved_student(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parent / "train"))
+    from toys import real_pair
+
+    _, student = real_pair()
+    student.save_pretrained(tmp_path / "final")
+    assert (
+        main(["generate", str(tmp_path / "final"), "1 5 7", "--max-new-tokens", "6", "--temperature", "0"])
+        == 0
+    )
+    ids = capsys.readouterr().out.split()
+    assert len(ids) == 6 and all(i.isdigit() for i in ids)
+
+
+def test_chat_needs_a_chat_template(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parent / "train"))
+    from toys import real_pair
+
+    _, student = real_pair()
+    student.save_pretrained(tmp_path / "final")
+    assert main(["chat", str(tmp_path / "final")]) == 2
+    assert "chat template" in capsys.readouterr().err
