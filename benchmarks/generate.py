@@ -10,8 +10,9 @@ Reported per (model, L):
   wall-clock tokens/s alongside;
 - `state MiB`: exact bytes of the per-sequence cache (KV cache for the teacher; token shift + fp32 WKV
   state for the student);
-- `decode peak MiB`: peak RSS while decoding minus the RSS right after the model was built (state plus the
-  decode step's transients), from /proc (VmHWM reset through /proc/self/clear_refs after the prefill).
+- `decode MiB`: the state plus the peak extra memory decoding allocates (peak RSS while decoding minus the
+  RSS when decoding starts, from /proc: VmHWM reset through /proc/self/clear_refs after the prefill);
+- `peak RSS MiB`: the process's peak RSS while decoding (weights included).
 
     python benchmarks/generate.py                       # 30 layers, contexts 1k 4k 16k
     python benchmarks/generate.py --layers 6 --json out.json
@@ -88,7 +89,6 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model = build_models(args, args.worker)
     gc.collect()
-    rss_model = _proc_status("VmRSS")
     if args.worker == "teacher":
         from transformers import DynamicCache
 
@@ -110,6 +110,7 @@ def worker(args: argparse.Namespace) -> dict:
         del out
         gc.collect()
         peak_reset = _reset_peak_rss()
+        rss_start = _proc_status("VmRSS")
         for _ in range(2):  # warm-up steps, not timed
             token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -126,7 +127,8 @@ def worker(args: argparse.Namespace) -> dict:
         "decode_tok_s": round(args.decode / decode_cpu, 2),
         "decode_tok_s_wall": round(args.decode / decode_wall, 2),
         "state_MiB": round(_cache_bytes(cache) / 2**20, 2),
-        "decode_peak_MiB": round((peak - rss_model) / 2**20, 1),
+        "decode_MiB": round((_cache_bytes(cache) + peak - rss_start) / 2**20, 1),
+        "peak_rss_MiB": round(peak / 2**20, 1),
         "peak_is_hwm": peak_reset,
     }
 
@@ -191,15 +193,16 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     header = (
-        f"{'model':8s} {'context':>8s} {'CPU tok/s':>13s} {'state MiB':>10s} {'decode peak MiB':>16s} "
-        f"{'prefill CPU s':>14s} {'wall tok/s':>11s}"
+        f"{'model':8s} {'context':>8s} {'CPU tok/s':>13s} {'state MiB':>10s} {'decode MiB':>11s} "
+        f"{'peak RSS MiB':>13s} {'prefill CPU s':>14s} {'wall tok/s':>11s}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
             f"{r['model']:8s} {r['context']:8d} {r['decode_tok_s']:13.2f} {r['state_MiB']:10.2f} "
-            f"{r['decode_peak_MiB']:16.1f} {r['prefill_cpu_s']:14.1f} {r['decode_tok_s_wall']:11.2f}"
+            f"{r['decode_MiB']:11.1f} {r['peak_rss_MiB']:13.1f} {r['prefill_cpu_s']:14.1f} "
+            f"{r['decode_tok_s_wall']:11.2f}"
         )
     report = {
         "layers": args.layers,
