@@ -52,9 +52,9 @@ def _student(gate: bool, group_norm: bool, softmax_layers=None, seed: int = 0) -
     )
     torch.manual_seed(seed)
     model = ArwkvForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    with torch.no_grad():  # random everywhere, mixers strongly, so that every branch moves the logits
+        for name, p in model.named_parameters():
+            p.add_((0.3 if ".self_attn." in name else 0.05) * torch.randn_like(p))
     return model.eval()
 
 
@@ -69,15 +69,25 @@ needs_llamacpp = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module", params=[(True, True), (False, False)], ids=["gated+gn", "free"])
+def converted(request, tmp_path_factory):
+    """(student, GGUF file, its check report) for one mixer layout; converted once per module."""
+    shared = Path(os.environ.get("ARWKV_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
+    if not (shared / "assets" / "qwen2-tokenizer").is_dir():
+        pytest.skip(f"the Qwen2 tokenizer is not at {shared}/assets/qwen2-tokenizer (set ARWKV_SHARED)")
+    gate, group_norm = request.param
+    tmp = tmp_path_factory.mktemp("llamacpp")
+    student = _student(gate, group_norm)
+    export = export_for_llamacpp(student, tmp / "export", _tokenizer(shared))
+    gguf = convert_to_gguf(export, tmp / "model.gguf", LLAMACPP, outtype="f32")
+    return student, gguf, check_gguf(gguf, source=export)
+
+
 @needs_llamacpp
 @pytest.mark.slow
-@pytest.mark.parametrize(("gate", "group_norm"), [(True, True), (False, False)], ids=["gated+gn", "free"])
-def test_llamacpp_converts_the_export(tmp_path: Path, shared: Path, gate: bool, group_norm: bool) -> None:
-    student = _student(gate, group_norm)
-    export = export_for_llamacpp(student, tmp_path / "export", _tokenizer(shared))
-    gguf = convert_to_gguf(export, tmp_path / "model.gguf", LLAMACPP, outtype="f32")
-    report = check_gguf(gguf, source=export)
-
+def test_llamacpp_converts_the_export(converted, tmp_path: Path) -> None:
+    student, _, report = converted
+    gate, group_norm = student.config.use_gate, student.config.use_group_norm
     L = 2
     per_layer = 5 + 1 + 9 + 3 + 4 + (2 if gate else 0) + (2 if group_norm else 0)
     assert len(report.tensors) == 3 + L * per_layer
@@ -101,6 +111,32 @@ def test_llamacpp_converts_the_export(tmp_path: Path, shared: Path, gate: bool, 
     other = export_rwkv_hybrid(_student(gate, group_norm, seed=1), tmp_path / "other", untie=True)
     with pytest.raises(CheckpointError, match="differs from the source"):
         check_gguf(report.reader, source=other)
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_llamacpp_runs_the_gguf_like_arwkv(converted) -> None:
+    """llama.cpp's own arwkv7 graph on the GGUF gives arwkv's logits, in one batch and token by token.
+    Needs llama.cpp's Python bindings (`llama_cpp`, from llama-cpp-python) with a library that has arwkv7."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (bindings, libllama) not installed")
+    student, gguf, _ = converted
+    ids = [9707, 1879, 0, 151644, 872, 198, 3838, 374, 220, 17, 10, 17, 30, 151645]  # "Hello world!" + chat
+    with torch.no_grad():
+        ref = student(torch.tensor([ids])).logits[0].numpy()
+    for batch in (64, 1):  # whole prompt at once, then the recurrent path one token at a time
+        llm = llama_cpp.Llama(
+            model_path=str(gguf),
+            logits_all=True,
+            n_ctx=64,
+            n_batch=batch,
+            n_ubatch=batch,
+            n_threads=1,
+            verbose=False,
+        )
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+        llm.close()
 
 
 def test_llamacpp_export_refuses_softmax_layers(tmp_path: Path, shared: Path) -> None:
