@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from arwkv.errors import ArwkvError
 from arwkv.ops import wkv7
@@ -290,3 +291,17 @@ def test_bad_input_batch_with_cu_seqlens_and_fla_on_cpu():
     if not torch.cuda.is_available():
         with pytest.raises(Wkv7InputError, match="backend='fla' needs CUDA"):
             wkv7(*xs, backend="fla")
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing(reentrant):
+    """The custom backward under torch.utils.checkpoint (non-reentrant allows one unpack of saved tensors)."""
+    xs, _ = make_inputs(B=1, T=40, seed=37)
+    ref = torch.autograd.grad(wkv7_recurrent(*xs)[0].square().sum(), xs)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    loss = torch.utils.checkpoint.checkpoint(
+        lambda *x: wkv7_chunked(*x)[0].square().sum(), *leaves, use_reentrant=reentrant
+    )
+    loss.backward()
+    for x, g in zip(leaves, ref, strict=True):
+        assert rel_rms(x.grad, g) < 1e-12

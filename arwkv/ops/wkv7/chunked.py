@@ -16,6 +16,7 @@ import torch
 
 
 _WKV7_GROUP_ROWS = 2048
+_WKV7_SAVED = 11  # tensors kept per group for the backward: v, Hp and the 9 of _wkv7_prep
 
 
 def _wkv7_schedule(offsets: list[int], C: int, H: int, device: torch.device):
@@ -185,7 +186,8 @@ def _wkv7_gather(flat, idx: torch.Tensor, keep: torch.Tensor | None, C: int, cdt
 
 
 def _wkv7_run(flat, h0, plan, scale: float, mask: torch.Tensor, cdt: torch.dtype, save: bool):
-    """Forward over all groups: o [tokens * H, V], final states [N * H, K, V] (sorted slots), saved states."""
+    """Forward over all groups: o [tokens * H, V], final states [N * H, K, V] (sorted slots) and, with `save`,
+    _WKV7_SAVED tensors per group for the backward."""
     groups, active, rows, valid, H, C = plan
     o = flat[3].new_empty(flat[3].shape)
     hT = torch.empty_like(h0)
@@ -194,9 +196,9 @@ def _wkv7_run(flat, h0, plan, scale: float, mask: torch.Tensor, cdt: torch.dtype
         idx = rows[r0:r1]
         keep = None if valid is None else valid[r0:r1].view(-1, C, 1)
         xs = _wkv7_gather(flat, idx, keep, C, cdt)
-        O, h_out, Hp = _wkv7_fwd(xs, h, [n * H for n in active[n0:n1]], scale, mask)
+        O, h_out, (Hp, prep) = _wkv7_fwd(xs, h, [n * H for n in active[n0:n1]], scale, mask)
         if save:
-            saved.append((xs[3], *Hp))
+            saved.extend((xs[3], Hp, *prep))
         O = O.view(-1, O.shape[-1]).to(o.dtype)
         if keep is not None:
             idx, O = idx[keep.flatten()], O[keep.flatten()]
@@ -211,16 +213,18 @@ class _Wkv7Chunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, r, k, v, a, b, h0, plan, scale, mask, cdt):
         o, hT, saved = _wkv7_run((w, r, k, v, a, b), h0, plan, scale, mask, cdt, save=True)
-        ctx.save_for_backward(w, r, k, v, a, b)
-        ctx.groups_saved = saved
+        ctx.save_for_backward(*saved)  # intermediates too, so that checkpointing can drop and recompute them
+        ctx.inputs = [(x.shape, x.dtype) for x in (w, r, k, v, a, b)]
         ctx.plan, ctx.scale, ctx.mask, ctx.cdt = plan, scale, mask, cdt
         return o, hT
 
     @staticmethod
     def backward(ctx, do, dhT):
-        flat, Hps = ctx.saved_tensors, ctx.groups_saved
+        saved = ctx.saved_tensors  # read once: non-reentrant checkpointing allows no second unpack
         groups, active, rows, valid, H, C = ctx.plan
-        grads = [torch.empty_like(x) for x in flat]  # every token row is written exactly once below
+        grads = [
+            do.new_empty(shape, dtype=dtype) for shape, dtype in ctx.inputs
+        ]  # every row written once below
         dh = None  # gradient of the state entering the group after this one
         for gi in reversed(range(len(groups))):
             n0, n1, r0, r1 = groups[gi]
@@ -231,16 +235,8 @@ class _Wkv7Chunked(torch.autograd.Function):
                 dO = torch.where(keep, dO, 0)
             n_in = len(dhT) if gi == 0 else active[n0] * H
             dh_out = dhT[:n_in] if dh is None else torch.cat([dh, dhT[len(dh) : n_in]])
-            gs, dh = _wkv7_bwd(
-                Hps[gi][0],
-                Hps[gi][1],
-                Hps[gi][2],
-                dO,
-                dh_out,
-                [n * H for n in active[n0:n1]],
-                ctx.scale,
-                ctx.mask,
-            )
+            v, Hp, *prep = saved[_WKV7_SAVED * gi : _WKV7_SAVED * (gi + 1)]
+            gs, dh = _wkv7_bwd(v, Hp, prep, dO, dh_out, [n * H for n in active[n0:n1]], ctx.scale, ctx.mask)
             if keep is not None:
                 idx = idx[keep.flatten()]
             for dx, gx in zip(grads, gs, strict=True):
