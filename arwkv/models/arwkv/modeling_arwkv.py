@@ -143,7 +143,8 @@ def _wkv7_fwd(xs, h_in, sizes: list[int], scale: float, mask: torch.Tensor):
     step here), Hp [P, K, V] (the state entering each chunk)."""
     g, v = xs[0], xs[3]
     P, C, K, V = g.shape[0], g.shape[1], g.shape[2], v.shape[2]
-    e, ein, em, eC, left, right, L, Tm, WU0 = _wkv7_prep(*xs, scale, mask)
+    prep = _wkv7_prep(*xs, scale, mask)
+    e, ein, em, eC, left, right, L, Tm, WU0 = prep
     W, U0 = WU0[..., :K], WU0[..., K:]
     hat = right * eC  # [K̂; B̂] = [k; b] e^{γ_C - γ}
     KV = hat[:, :C].mT @ v
@@ -164,14 +165,13 @@ def _wkv7_fwd(xs, h_in, sizes: list[int], scale: float, mask: torch.Tensor):
         lo += n
     Hp = Hp[:P]
     O = torch.baddbmm(torch.baddbmm(L[:, :C, :C] @ v, left[:, :C], Hp), L[:, :C, C:], U)
-    return O, h_out, Hp
+    return O, h_out, (Hp, prep)
 
 
-def _wkv7_bwd(xs, Hp, dO, dh_out, sizes: list[int], scale: float, mask: torch.Tensor):
+def _wkv7_bwd(v, Hp, prep, dO, dh_out, sizes: list[int], scale: float, mask: torch.Tensor):
     """Gradients of one _wkv7_fwd group (README §4): recompute, reverse state loop, batched matmuls."""
-    v = xs[3]
     C, K = v.shape[1], Hp.shape[1]
-    e, ein, em, eC, left, right, L, Tm, WU0 = _wkv7_prep(*xs, scale, mask)
+    e, ein, em, eC, left, right, L, Tm, WU0 = prep
     dC = eC.mT
     rt, at, kin, bin_ = left[:, :C], left[:, C:], right[:, :C], right[:, C:]
     W = WU0[..., :K]
@@ -228,11 +228,10 @@ def _wkv7_run(flat, h0, plan, scale: float, mask: torch.Tensor, cdt: torch.dtype
     for n0, n1, r0, r1 in groups:
         idx = rows[r0:r1]
         keep = None if valid is None else valid[r0:r1].view(-1, C, 1)
-        O, h_out, Hp = _wkv7_fwd(
-            _wkv7_gather(flat, idx, keep, C, cdt), h, [n * H for n in active[n0:n1]], scale, mask
-        )
+        xs = _wkv7_gather(flat, idx, keep, C, cdt)
+        O, h_out, Hp = _wkv7_fwd(xs, h, [n * H for n in active[n0:n1]], scale, mask)
         if save:
-            saved.append(Hp)
+            saved.append((xs[3], *Hp))
         O = O.view(-1, O.shape[-1]).to(o.dtype)
         if keep is not None:
             idx, O = idx[keep.flatten()], O[keep.flatten()]
@@ -247,13 +246,14 @@ class _Wkv7Chunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, r, k, v, a, b, h0, plan, scale, mask, cdt):
         o, hT, saved = _wkv7_run((w, r, k, v, a, b), h0, plan, scale, mask, cdt, save=True)
-        ctx.save_for_backward(w, r, k, v, a, b, *saved)
+        ctx.save_for_backward(w, r, k, v, a, b)
+        ctx.groups_saved = saved
         ctx.plan, ctx.scale, ctx.mask, ctx.cdt = plan, scale, mask, cdt
         return o, hT
 
     @staticmethod
     def backward(ctx, do, dhT):
-        flat, Hps = ctx.saved_tensors[:6], ctx.saved_tensors[6:]
+        flat, Hps = ctx.saved_tensors, ctx.groups_saved
         groups, active, rows, valid, H, C = ctx.plan
         grads = [torch.empty_like(x) for x in flat]  # every token row is written exactly once below
         dh = None  # gradient of the state entering the group after this one
@@ -266,8 +266,16 @@ class _Wkv7Chunked(torch.autograd.Function):
                 dO = torch.where(keep, dO, 0)
             n_in = len(dhT) if gi == 0 else active[n0] * H
             dh_out = dhT[:n_in] if dh is None else torch.cat([dh, dhT[len(dh) : n_in]])
-            xs = _wkv7_gather(flat, idx, keep, C, ctx.cdt)
-            gs, dh = _wkv7_bwd(xs, Hps[gi], dO, dh_out, [n * H for n in active[n0:n1]], ctx.scale, ctx.mask)
+            gs, dh = _wkv7_bwd(
+                Hps[gi][0],
+                Hps[gi][1],
+                Hps[gi][2],
+                dO,
+                dh_out,
+                [n * H for n in active[n0:n1]],
+                ctx.scale,
+                ctx.mask,
+            )
             if keep is not None:
                 idx = idx[keep.flatten()]
             for dx, gx in zip(grads, gs, strict=True):
