@@ -296,7 +296,7 @@ def test_bad_input_batch_with_cu_seqlens_and_fla_on_cpu():
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing(reentrant):
     """The custom backward under torch.utils.checkpoint (non-reentrant allows one unpack of saved tensors)."""
-    xs, _ = make_inputs(B=1, T=40, seed=37)
+    xs = [x.requires_grad_() for x in make_inputs(B=1, T=40, seed=37)[0]]
     ref = torch.autograd.grad(wkv7_recurrent(*xs)[0].square().sum(), xs)
     leaves = [x.clone().requires_grad_() for x in xs]
     loss = torch.utils.checkpoint.checkpoint(
