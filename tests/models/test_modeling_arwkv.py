@@ -411,19 +411,7 @@ def test_unknown_teacher_in_config_is_a_clear_error():
         ArwkvForCausalLM(config)
 
 
-@pytest.mark.parametrize(
-    "reentrant",
-    [
-        True,
-        pytest.param(
-            False,
-            marks=pytest.mark.xfail(
-                reason="arwkv/ops/wkv7/chunked.py: _Wkv7Chunked.backward reads ctx.saved_tensors twice, "
-                "which non-reentrant checkpointing forbids"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("reentrant", [True, False])
 def test_training_step_with_gradient_checkpointing_matches_plain(reentrant):
     ids = ids_for(2, 10)
     grads = []
