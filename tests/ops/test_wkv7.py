@@ -298,7 +298,7 @@ def test_gradient_checkpointing(reentrant):
     """The custom backward under torch.utils.checkpoint (non-reentrant allows one unpack of saved tensors)."""
     xs = [x.requires_grad_() for x in make_inputs(B=1, T=40, seed=37)[0]]
     ref = torch.autograd.grad(wkv7_recurrent(*xs)[0].square().sum(), xs)
-    leaves = [x.clone().requires_grad_() for x in xs]
+    leaves = [x.detach().clone().requires_grad_() for x in xs]
     loss = torch.utils.checkpoint.checkpoint(
         lambda *x: wkv7_chunked(*x)[0].square().sum(), *leaves, use_reentrant=reentrant
     )
