@@ -111,11 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="benchmark models (delegates to arwkv.eval)",
-        add_help=False,
-        description="Evaluate teacher / student / baselines; arguments go to arwkv.eval.",
+        help="benchmark teacher / student / baselines (arwkv.eval)",
+        description="Score models on lm-eval-style tasks and text perplexity in one run and write eval.md / "
+        "eval.json. A model is an HF folder (teacher or student), .gguf, llama2.c .bin, a known teacher "
+        "name, or swa:<teacher> for the training-free sliding-window + sinks baseline; NAME=MODEL labels it.",
     )
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.add_argument("models", nargs="+", metavar="[NAME=]MODEL")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all six + wikitext)")
+    p.add_argument("--limit", type=int, default=None, help="examples per task")
+    p.add_argument("--out", default="runs/eval", help="output folder")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--reference", default=None, help="model name retention is relative to (default: first)")
+    p.add_argument("--swa-window", type=int, default=64)
+    p.add_argument("--swa-sinks", type=int, default=4)
+    p.add_argument("--text-file", default=None, help="text for perplexity (default: WikiText-2 test)")
+    p.add_argument("--context-length", type=int, default=512)
     p.set_defaults(func=cmd_eval)
     return parser
 
@@ -292,20 +302,30 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    try:
-        from arwkv.eval import run_eval  # type: ignore[attr-defined]
-    except ImportError:
-        run_eval = None
-    if run_eval is None:
-        raise ArwkvError(
-            "this arwkv has no arwkv.eval.run_eval yet; the conversion report (arwkv convert) "
-            "already holds held-out KL / NLL / top-1 for teacher, baseline and student"
-        )
-    if args.args in (["-h"], ["--help"]) and hasattr(run_eval, "__doc__"):
-        print(run_eval.__doc__)
-        return 0
-    result = run_eval(args.args)
-    return int(result) if isinstance(result, int) else 0
+    from arwkv.eval.harness import DEFAULT_TASKS, run_eval
+
+    names, specs = [], []
+    for item in args.models:
+        name, sep, spec = item.partition("=")
+        labelled = bool(sep) and ":" not in name and "/" not in name
+        names.append(name if labelled else None)
+        specs.append(spec if labelled else item)
+    tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks else DEFAULT_TASKS
+    run_eval(
+        specs,
+        tasks,
+        limit=args.limit,
+        out_dir=args.out,
+        names=names if all(names) else None,
+        reference=args.reference,
+        batch_size=args.batch_size,
+        swa_window=args.swa_window,
+        swa_sinks=args.swa_sinks,
+        text_file=args.text_file,
+        context_length=args.context_length,
+    )
+    print(f"results: {Path(args.out) / 'eval.md'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
