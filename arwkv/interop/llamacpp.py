@@ -8,9 +8,7 @@ The converter also needs the tokenizer files beside the weights.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -36,15 +34,6 @@ if TYPE_CHECKING:
 
 ARCH = "arwkv7"
 LLAMACPP_GN_EPS = 64e-5  # hard-coded in llama.cpp's rwkv7 graph
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-)
 LERP_ORDER = "rwkvag"  # order of the six token-shift mixes in time_mix_lerp_fused
 
 
@@ -74,39 +63,7 @@ def export_for_llamacpp(student: ArwkvForCausalLM, out: str | Path, tokenizer: A
         raise CheckpointError(
             "this student cannot be exported for llama.cpp's arwkv7: " + "; ".join(problems)
         )
-    out = export_rwkv_hybrid(student, out, untie=True)  # llama.cpp's arwkv7 requires output.weight
-    if isinstance(tokenizer, (str, Path)):
-        src = Path(tokenizer)
-        copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
-        if not copied:
-            raise CheckpointError(f"{src} holds none of the tokenizer files {TOKENIZER_FILES}.")
-        for f in copied:
-            shutil.copy(src / f, out / f)
-    else:
-        tokenizer.save_pretrained(out)
-    _check_vocab(out, student.config.vocab_size)
-    return out
-
-
-def _check_vocab(out: Path, vocab_size: int) -> None:
-    top = _max_token_id(out)
-    if top >= vocab_size:
-        raise CheckpointError(
-            f"the tokenizer has token id {top}, but the model's vocab_size is {vocab_size}: "
-            "llama.cpp's converter needs every token id below vocab_size."
-        )
-
-
-def _max_token_id(out: Path) -> int:
-    tj = out / "tokenizer.json"
-    if tj.is_file():  # a JSON read is seconds faster than building the tokenizer
-        data = json.loads(tj.read_text(encoding="utf-8"))
-        vocab = data.get("model", {}).get("vocab") or {}
-        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
-        return max(ids + [t["id"] for t in data.get("added_tokens", [])])
-    from transformers import AutoTokenizer
-
-    return max(AutoTokenizer.from_pretrained(out).get_vocab().values())
+    return export_rwkv_hybrid(student, out, tokenizer=tokenizer, untie=True)  # arwkv7 requires output.weight
 
 
 def convert_to_gguf(

@@ -10,6 +10,7 @@ map is "drop `time_mixer.`"; only the shapes of the (1,1,C) vectors differ.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -512,9 +513,14 @@ def _divisor(eps: float) -> int | float:
 
 
 def export_rwkv_hybrid(
-    student: ArwkvForCausalLM, out: str | Path, untie: bool = False, dtype: torch.dtype | None = None
+    student: ArwkvForCausalLM,
+    out: str | Path,
+    tokenizer: Any = None,
+    untie: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the student as a published-format (`rwkv_hybrid`) checkpoint: config.json + model.safetensors.
+    """Write the student as a published-format (`rwkv_hybrid`) checkpoint: config.json + model.safetensors,
+    plus the tokenizer when given (a folder with tokenizer files, or a transformers tokenizer).
 
     Raises `CheckpointError` listing every way the layout does not fit (see `export_problems`). `untie` writes
     `lm_head.weight` even for tied embeddings (llama.cpp's arwkv7 requires it)."""
@@ -525,7 +531,6 @@ def export_rwkv_hybrid(
         raise CheckpointError("this student does not fit the rwkv_hybrid format: " + "; ".join(problems))
     cfg = hybrid_config_from_student(student, untie=untie)
     layout = HybridLayout.from_config(cfg)
-    shapes, optional = layout.expected_shapes()
     sd = _hybrid_tensors(student, layout)
     dtype = dtype or next(student.parameters()).dtype
     out = Path(out)
@@ -537,7 +542,57 @@ def export_rwkv_hybrid(
     gen = getattr(student, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(out)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out)
+        check_vocab(out, student.config.vocab_size)
     return out
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+)
+
+
+def save_tokenizer(tokenizer: Any, out: Path) -> None:
+    """Copy a tokenizer folder's files (or `save_pretrained` a tokenizer object) into `out`."""
+    if not isinstance(tokenizer, (str, Path)):
+        tokenizer.save_pretrained(out)
+        return
+    src = Path(tokenizer)
+    copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if not copied:
+        raise CheckpointError(f"{src} holds none of the tokenizer files {TOKENIZER_FILES}.")
+    for f in copied:
+        shutil.copy(src / f, out / f)
+
+
+def check_vocab(out: Path, vocab_size: int) -> None:
+    """Every token id of the tokenizer in `out` must have a row in the embedding (llama.cpp's converter
+    asserts it too)."""
+    top = _max_token_id(out)
+    if top >= vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has token id {top}, but the model's vocab_size is {vocab_size}: pass the "
+            "teacher's tokenizer (every token id must be below vocab_size)."
+        )
+
+
+def _max_token_id(out: Path) -> int:
+    tj = out / "tokenizer.json"
+    if tj.is_file():  # a JSON read is seconds faster than building the tokenizer
+        data = json.loads(tj.read_text(encoding="utf-8"))
+        vocab = data.get("model", {}).get("vocab") or {}
+        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
+        return max(ids + [t["id"] for t in data.get("added_tokens", [])])
+    from transformers import AutoTokenizer
+
+    return max(AutoTokenizer.from_pretrained(out).get_vocab().values())
 
 
 def _hybrid_tensors(student: ArwkvForCausalLM, layout: HybridLayout) -> dict[str, torch.Tensor]:

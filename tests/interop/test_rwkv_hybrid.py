@@ -275,6 +275,15 @@ def test_load_any_dispatches(tmp_path: Path) -> None:
     assert isinstance(load_any(tmp_path / "hybrid"), ArwkvForCausalLM)
 
 
+def test_export_with_tokenizer(tmp_path: Path, shared: Path) -> None:
+    tok = shared / "assets" / "qwen2-tokenizer"
+    student = _student(_qwen2_teacher(vocab_size=151936))
+    export_rwkv_hybrid(student, tmp_path / "ok", tokenizer=tok)
+    assert (tmp_path / "ok" / "tokenizer.json").read_bytes() == (tok / "tokenizer.json").read_bytes()
+    with pytest.raises(CheckpointError, match="token id 151668, but the model's vocab_size is 101"):
+        export_rwkv_hybrid(_student(), tmp_path / "small", tokenizer=tok)
+
+
 @pytest.mark.gpu
 def test_fla_backend_on_gpu(tmp_path: Path) -> None:
     cfg = hybrid_config(layers=3, wkv_layers=[0, 2], gate=True, group_norm=True)
