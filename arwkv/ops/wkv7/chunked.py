@@ -16,7 +16,7 @@ import torch
 
 
 _WKV7_GROUP_ROWS = 2048
-_WKV7_SAVED = 11  # tensors kept per group for the backward: v, Hp and the 9 of _wkv7_prep
+_WKV7_SAVED = 12  # tensors kept per group for the backward: v, Hp, U and the 9 of _wkv7_prep
 
 
 def _wkv7_schedule(offsets: list[int], C: int, H: int, device: torch.device):
@@ -131,20 +131,20 @@ def _wkv7_fwd(xs, h_in, sizes: list[int], scale: float, mask: torch.Tensor):
         lo += n
     Hp = Hp[:P]
     O = torch.baddbmm(torch.baddbmm(L[:, :C, :C] @ v, left[:, :C], Hp), L[:, :C, C:], U)
-    return O, h_out, (Hp, prep)
+    return O, h_out, (Hp, U, prep)
 
 
-def _wkv7_bwd(v, Hp, prep, dO, dh_out, sizes: list[int], scale: float, mask: torch.Tensor):
+def _wkv7_bwd(v, Hp, U, prep, dO, dh_out, sizes: list[int], scale: float, mask: torch.Tensor):
     """Gradients of one _wkv7_fwd group (README §4): recompute, reverse state loop, batched matmuls."""
     C, K = v.shape[1], Hp.shape[1]
     e, ein, em, eC, left, right, L, Tm, WU0 = prep
     dC = eC.mT
     rt, at, kin, bin_ = left[:, :C], left[:, C:], right[:, :C], right[:, C:]
     W = WU0[..., :K]
-    U = torch.baddbmm(WU0[..., K:], W, Hp)
     dU_loc = L[:, :C, C:].mT @ dO
     dh_O = rt.mT @ dO
     dX, dU = torch.empty_like(Hp), torch.empty_like(U)
+    bufs = (torch.empty_like(dh_out), torch.empty_like(dh_out))
     dh = dh_out[: sizes[-1]]
     lo = len(Hp)
     for i in reversed(range(len(sizes))):
@@ -155,12 +155,12 @@ def _wkv7_bwd(v, Hp, prep, dO, dh_out, sizes: list[int], scale: float, mask: tor
         dX_i, dU_i = dX[lo : lo + n], dU[lo : lo + n]
         torch.mul(dh, dC[lo : lo + n], out=dX_i)
         torch.baddbmm(dU_loc[lo : lo + n], bin_[lo : lo + n], dX_i, out=dU_i)
-        dh = torch.baddbmm(dh_O[lo : lo + n], W[lo : lo + n].mT, dU_i).add_(dX_i)
+        dh = torch.baddbmm(dh_O[lo : lo + n], W[lo : lo + n].mT, dU_i, out=bufs[i % 2][:n]).add_(dX_i)
     if dh.shape[0] < dh_out.shape[0]:  # empty sequences: final state = initial state
         dh = torch.cat([dh, dh_out[dh.shape[0] :]])
     VU = torch.cat([v, U], 1)
     Z = VU @ dX.mT  # [v dXᵀ; U dXᵀ]: the state update's share of d(k e^{-γ}), d(b e^{-γ})
-    dgC = (dX * Hp).sum(-1) + (right * Z).sum(1)  # direct dependence of the state on γ_C
+    dgC = torch.einsum("pkv,pkv->pk", dX, Hp) + torch.einsum("pck,pck->pk", right, Z)  # the state's own γ_C
     dY = Tm.mT @ torch.cat([dU @ Hp.mT, dU], -1)  # through W = T ã and U⁰ = T A_ak v
     dL = torch.cat([dO @ VU.mT, torch.cat([dY[..., K:] @ v.mT, dY @ WU0.mT], -1)], 1).masked_fill_(mask, 0)
     dleft = dL @ right
@@ -169,7 +169,7 @@ def _wkv7_bwd(v, Hp, prep, dO, dh_out, sizes: list[int], scale: float, mask: tor
     dat = dleft[:, C:] + dY[..., :K]
     dkin, dbin = dright[:, :C], dright[:, C:]
     dv = torch.baddbmm(L[:, :, :C].mT @ torch.cat([dO, dY[..., K:]], 1), kin, dX)
-    dgam = drt * rt + dat * at - dkin * kin - dbin * bin_
+    dgam = (drt * rt).addcmul_(dat, at).addcmul_(dkin, kin, value=-1).addcmul_(dbin, bin_, value=-1)
     dgam[:, -1] += dgC
     dg = dgam.flip(1).cumsum(1).flip(1) - dat * at
     dr = drt * e if scale == 1.0 else drt * e * scale
@@ -196,9 +196,9 @@ def _wkv7_run(flat, h0, plan, scale: float, mask: torch.Tensor, cdt: torch.dtype
         idx = rows[r0:r1]
         keep = None if valid is None else valid[r0:r1].view(-1, C, 1)
         xs = _wkv7_gather(flat, idx, keep, C, cdt)
-        O, h_out, (Hp, prep) = _wkv7_fwd(xs, h, [n * H for n in active[n0:n1]], scale, mask)
+        O, h_out, (Hp, U, prep) = _wkv7_fwd(xs, h, [n * H for n in active[n0:n1]], scale, mask)
         if save:
-            saved.extend((xs[3], Hp, *prep))
+            saved.extend((xs[3], Hp, U, *prep))
         O = O.view(-1, O.shape[-1]).to(o.dtype)
         if keep is not None:
             idx, O = idx[keep.flatten()], O[keep.flatten()]
@@ -235,8 +235,10 @@ class _Wkv7Chunked(torch.autograd.Function):
                 dO = torch.where(keep, dO, 0)
             n_in = len(dhT) if gi == 0 else active[n0] * H
             dh_out = dhT[:n_in] if dh is None else torch.cat([dh, dhT[len(dh) : n_in]])
-            v, Hp, *prep = saved[_WKV7_SAVED * gi : _WKV7_SAVED * (gi + 1)]
-            gs, dh = _wkv7_bwd(v, Hp, prep, dO, dh_out, [n * H for n in active[n0:n1]], ctx.scale, ctx.mask)
+            v, Hp, U, *prep = saved[_WKV7_SAVED * gi : _WKV7_SAVED * (gi + 1)]
+            gs, dh = _wkv7_bwd(
+                v, Hp, U, prep, dO, dh_out, [n * H for n in active[n0:n1]], ctx.scale, ctx.mask
+            )
             if keep is not None:
                 idx = idx[keep.flatten()]
             for dx, gx in zip(grads, gs, strict=True):
