@@ -49,7 +49,11 @@ def wkv7_fla(
         return fused_recurrent_rwkv7(
             r, w, k, v, a, b, scale=scale, initial_state=initial_state, output_final_state=output_final_state
         )
-    kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
+    kwargs = {}
+    if chunk_size is not None:
+        if "chunk_size" not in _params(chunk_rwkv7):
+            raise ValueError("the installed fla's chunk_rwkv7 takes no chunk_size; upgrade fla or pass None")
+        kwargs["chunk_size"] = chunk_size
     if safe_lower_bound is not None and "safe_gate" in _params(chunk_rwkv7):
         kwargs.update(safe_gate=True, lower_bound=safe_lower_bound)
     return chunk_rwkv7(
