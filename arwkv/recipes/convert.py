@@ -117,13 +117,17 @@ def load_student(
 
 def restore_student(student: nn.Module, checkpoint: Path) -> None:
     """Load the student tensors of a training checkpoint (saved from a stage task, keys `student.…`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     sd = {k.removeprefix("student."): v for k, v in ckpt.load_model_state(checkpoint).items()}
-    missing, unexpected = student.load_state_dict(sd, strict=False)
-    if missing or unexpected:
+    expected = set(student.state_dict())
+    if set(sd) != expected:
+        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
         raise CheckpointError(
-            f"{checkpoint} does not match the student: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]} (was the recipe's student section changed?)"
+            f"{checkpoint} does not match the student: missing {missing[:5]}, unexpected {unexpected[:5]} "
+            "(was the recipe's student section changed?)"
         )
+    set_model_state_dict(student, sd, options=StateDictOptions(full_state_dict=True))  # plain, DDP or FSDP
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -292,8 +296,12 @@ def _run_stage(
         resume=cfg.resume,
     )
     stage_dir = cfg.run_dir / name
-    if cfg.grad_checkpointing and name != "align" and hasattr(student, "gradient_checkpointing_enable"):
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_checkpointing and name != "align":
+        # recompute each decoder layer in backward (transformers >= 5.x renamed the switch)
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if name == "align":
         return run_align(
             student, teacher, loader, scfg, stage_dir, grad_checkpointing=cfg.grad_checkpointing, **kw
@@ -425,10 +433,11 @@ def run(cfg: RecipeConfig, stages: list[str] | None = None, student_from: str | 
             _write_json(summary_path, summary)
 
     final_dir = run_dir / "final"
+    full = _full_state(student)  # collective when the student is sharded (FSDP)
     if env.is_main:
-        student.save_pretrained(
-            final_dir, tokenizer=tokenizer
-        ) if tokenizer is not None else student.save_pretrained(final_dir)
+        student.save_pretrained(final_dir, state_dict=full)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(final_dir)
         summary["total_wall_s"] = summary.get("total_wall_s", 0.0) + (time.perf_counter() - t_start)
         _write_json(summary_path, summary)
         from arwkv.recipes.report import write_report
@@ -437,6 +446,12 @@ def run(cfg: RecipeConfig, stages: list[str] | None = None, student_from: str | 
         _say(env, f"student saved in {final_dir}; report in {run_dir / 'report.md'}")
     barrier()
     return ConvertResult(run_dir, final_dir, summary)
+
+
+def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _baselines(cfg: RecipeConfig, teacher, student, data: RunData, evaluate, env: DistEnv) -> dict[str, Any]:

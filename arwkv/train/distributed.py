@@ -89,12 +89,12 @@ def wrap(module: nn.Module, env: DistEnv, strategy: str = "ddp") -> nn.Module:
     if not env.distributed:
         return module
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
         for sub in module.modules():  # shard per decoder layer so only one layer is gathered at a time
-            if type(sub).__name__.endswith("DecoderLayer"):
+            if type(sub).__name__.endswith("DecoderLayer") and not isinstance(sub, FSDPModule):
                 fully_shard(sub)
-        return fully_shard(module)
+        return module if isinstance(module, FSDPModule) else fully_shard(module)
     if strategy != "ddp":
         raise ValueError(f"unknown distributed strategy {strategy!r} (ddp or fsdp)")
     ids = [env.device.index] if env.device.type == "cuda" else None

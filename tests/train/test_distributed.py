@@ -21,7 +21,8 @@ def _env():
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, strategy):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     subprocess.run(
         [sys.executable, str(WORKER), str(one), str(tmp_path / "run1"), "2"],
@@ -41,6 +42,7 @@ def test_two_processes_match_one_process(tmp_path):
             str(two),
             str(tmp_path / "run2"),
             "1",
+            strategy,
         ],
         check=True,
         env=_env(),

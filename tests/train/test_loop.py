@@ -172,3 +172,46 @@ def test_toy_student_trains_and_loss_falls(tmp_path):
     losses = [r["loss"] for r in res.history]
     assert losses[-1] < losses[0]
     assert res.tokens_per_s > 0 and res.wall_s > 0
+
+
+def _autocast_run(tmp_path, student, teacher):
+    corpus = teacher_corpus_for(teacher, n=8, t=16)
+    data = PackedLoader(PackedCorpus.from_sequences(corpus), 4, seed=0)
+    return train(
+        DistillTask(student, teacher), data, stage_cfg(max_steps=2, ckpt_interval=100), tmp_path, bf16=True
+    )
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    teacher = tiny_teacher()
+    res = _autocast_run(tmp_path, tiny_student(teacher), teacher)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res.history)
+    assert next(tiny_student(teacher).parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+@pytest.mark.xfail(
+    reason="wkv7 chunked kernel under CPU bf16 autocast: baddbmm out= dtype (ops/model)", strict=False
+)
+def test_bf16_autocast_with_the_arwkv_student(tmp_path):
+    teacher, student = real_pair()
+    res = _autocast_run(tmp_path, student, teacher)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res.history)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    teacher, student = real_pair()
+    ids = teacher_corpus_for(teacher, n=2, t=32)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": torch.arange(32).expand(2, 32),
+    }
+    task = DistillTask(student, teacher)
+    task(batch)[0].backward()
+    ref = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    student.activation_checkpointing_enable({"use_reentrant": False})
+    task(batch)[0].backward()
+    for n, p in student.named_parameters():
+        if n in ref:
+            torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7)
