@@ -131,7 +131,7 @@ def run_phase(args, group: st.PermutationGroup, phase: str, out: Path, results: 
         "history": history,
         "eval": {str(k): v for k, v in ev.items()},
     }
-    if phase == "distilled":  # the teacher's agreement ceiling at the training length
+    if phase == "distilled":
         rec["teacher_params"] = st.num_params(teacher)
     log(f"{group.name}/{phase}: " + ", ".join(f"T={k} tok {v['token_acc']:.3f}" for k, v in ev.items()))
     return rec
@@ -149,9 +149,9 @@ def add_agreement(args, group: st.PermutationGroup, out: Path, rec: dict) -> Non
         torch.load(out / "ckpt" / f"{group.name}-distilled.pt", weights_only=False)["model"]
     )
     lengths = [int(x) for x in args.eval_lengths.split(",")]
-    agree = st.agreement(student, teacher, group, lengths, num_sequences=args.eval_sequences)
-    rec["agreement_with_teacher"] = {str(k): v for k, v in agree.items()}
-    log(f"{group.name}/distilled agreement: " + ", ".join(f"T={k} {v:.3f}" for k, v in agree.items()))
+    cmp = st.compare_to_teacher(student, teacher, group, lengths, num_sequences=args.eval_sequences)
+    rec["vs_teacher"] = {str(k): v for k, v in cmp.items()}
+    log(f"{group.name}/distilled agreement: " + ", ".join(f"T={k} {v['agree']:.3f}" for k, v in cmp.items()))
 
 
 def write_table(results: dict, path: Path) -> None:
@@ -193,11 +193,40 @@ def write_table(results: dict, path: Path) -> None:
                     + " |"
                 )
         lines.append("")
+    lines += _teacher_table(results, lengths)
     lines.append(
         f"Bold: the training length. Machine: {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}."
     )
     path.write_text("\n".join(lines) + "\n")
+
+
+def _teacher_table(results: dict, lengths: list[int]) -> list[str]:
+    rows = {
+        g: p["distilled"]["vs_teacher"]
+        for g, p in results["groups"].items()
+        if "vs_teacher" in p.get("distilled", {})
+    }
+    if not rows:
+        return []
+    lines = [
+        "## Distilled student vs its teacher (inherits or exceeds?)",
+        "",
+        "Per cell: top-1 agreement over all positions / over the positions the teacher gets wrong, the "
+        "student copies the teacher's answer / the student is right.",
+        "",
+        "| group | " + " | ".join(f"T={t}" for t in lengths) + " |",
+        "| --- | " + " | ".join("---:" for _ in lengths) + " |",
+    ]
+    for gname, cmp in rows.items():
+        cells = []
+        for t in lengths:
+            c = cmp[str(t)]
+            copied, right = c["agree_when_teacher_wrong"], c["right_when_teacher_wrong"]
+            tail = "– / –" if c["teacher_wrong"] == 0 else f"{copied:.2f} / {right:.2f}"
+            cells.append(f"{c['agree']:.2f} / {tail}")
+        lines.append(f"| {gname} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -256,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 done[phase] = run_phase(args, group, phase, out, results)
                 res_path.write_text(json.dumps(results, indent=1))
-            if "distilled" in done and "agreement_with_teacher" not in done["distilled"]:
+            if "distilled" in done and "vs_teacher" not in done["distilled"]:
                 add_agreement(args, group, out, done["distilled"])
                 res_path.write_text(json.dumps(results, indent=1))
     write_table(results, out / "table.md")

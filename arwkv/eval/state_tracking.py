@@ -50,7 +50,7 @@ __all__ = [
     "train",
     "distill",
     "evaluate",
-    "agreement",
+    "compare_to_teacher",
 ]
 
 
@@ -421,30 +421,41 @@ def evaluate(
 
 
 @torch.no_grad()
-def agreement(
-    model_a: nn.Module,
-    model_b: nn.Module,
+def compare_to_teacher(
+    student: nn.Module,
+    teacher: nn.Module,
     group: PermutationGroup,
     lengths: Iterable[int],
     num_sequences: int = 256,
     batch_size: int = 64,
     seed: int = 1234,
-) -> dict[int, float]:
-    """Fraction of scored positions where two models predict the same element (same words as ``evaluate``).
+) -> dict[int, dict[str, float]]:
+    """How a student's predictions relate to its teacher's, per length (same words as ``evaluate``).
 
-    For a distilled student vs its teacher this separates "inherits" (agrees even where the teacher is wrong)
-    from "learns the task its own way" (right where the teacher is wrong).
+    ``agree``: fraction of positions where both predict the same element. Over the positions the teacher gets
+    wrong: ``agree_when_teacher_wrong`` (the student copies the error: "inherits") and
+    ``right_when_teacher_wrong`` (the student is right: "exceeds"); NaN when the teacher is never wrong.
     """
-    model_a.eval()
-    model_b.eval()
+    student.eval()
+    teacher.eval()
     out = {}
     for length in lengths:
         gen = torch.Generator().manual_seed(seed + length)
-        same = 0.0
+        same = wrong = copied = fixed = 0.0
         for start in range(0, num_sequences, batch_size):
             b = min(batch_size, num_sequences - start)
-            input_ids, _ = make_batch(group, b, length, gen)
-            pa, pb = _logits(model_a, input_ids).argmax(-1), _logits(model_b, input_ids).argmax(-1)
-            same += (pa == pb).float().mean(dim=1).sum().item()
-        out[int(length)] = same / num_sequences
+            input_ids, targets = make_batch(group, b, length, gen)
+            ps, pt = _logits(student, input_ids).argmax(-1), _logits(teacher, input_ids).argmax(-1)
+            t_wrong = pt != targets
+            same += (ps == pt).float().sum().item()
+            wrong += t_wrong.sum().item()
+            copied += (t_wrong & (ps == pt)).sum().item()
+            fixed += (t_wrong & (ps == targets)).sum().item()
+        n = num_sequences * length
+        out[int(length)] = {
+            "agree": same / n,
+            "agree_when_teacher_wrong": copied / wrong if wrong else float("nan"),
+            "right_when_teacher_wrong": fixed / wrong if wrong else float("nan"),
+            "teacher_wrong": wrong / n,
+        }
     return out

@@ -69,7 +69,9 @@ def test_training_reduces_loss_and_evaluate_reports_every_length():
     assert hist[-1]["loss"] < 0.8 * hist[0]["loss"]
     res = st.evaluate(model, g, [4, 16], num_sequences=32, batch_size=16)
     assert set(res) == {4, 16} and all(0.0 <= v <= 1.0 for r in res.values() for v in r.values())
-    assert st.agreement(model, model, g, [4, 16], num_sequences=16) == {4: 1.0, 16: 1.0}
+    cmp = st.compare_to_teacher(model, model, g, [4, 16], num_sequences=16)
+    assert all(c["agree"] == 1.0 for c in cmp.values())
+    assert all(c["agree_when_teacher_wrong"] == 1.0 for c in cmp.values() if c["teacher_wrong"] > 0)
 
 
 def test_resume_continues_the_same_run():
