@@ -130,7 +130,7 @@ def _wkv7_fwd(xs, h_in, sizes: list[int], scale: float, mask: torch.Tensor):
             h_out[m:n].copy_(nxt[m:])
         lo += n
     Hp = Hp[:P]
-    O = torch.baddbmm(torch.baddbmm(L[:, :C, :C] @ v, left[:, :C], Hp), L[:, :C, C:], U)
+    O = torch.bmm(left[:, :C], Hp).baddbmm_(L[:, :C, :C], v).baddbmm_(L[:, :C, C:], U)  # R̃h₀+A_qk V+A_qb U
     return O, h_out, (Hp, U, prep)
 
 
