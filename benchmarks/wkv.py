@@ -70,8 +70,9 @@ def make_inputs(B: int, T: int, H: int, N: int, dtype: torch.dtype, grad: bool):
 CLOCK = time.perf_counter
 
 
-def best_ms(fn, reps: int) -> float:
-    fn()  # warm-up (allocator, kernels)
+def best_ms(fn, reps: int, warmup: bool = True) -> float:
+    if warmup:  # allocator, kernels
+        fn()
     times = []
     for _ in range(reps):
         t0 = CLOCK()
@@ -88,8 +89,10 @@ def fwd(fn):
     return run
 
 
-def fwd_bwd(fn):
+def fwd_bwd(fn, leaves):
     def run():
+        for x in leaves:
+            x.grad = None  # as in training: no accumulation into earlier gradients
         out = fn()
         (out[0] if isinstance(out, tuple) else out).float().sum().backward()
 
@@ -136,20 +139,25 @@ def bench(args) -> dict:
                     T,
                     f"chunk{C}",
                     "fwd+bwd",
-                    best_ms(fwd_bwd(lambda C=C, xg=xg: wkv7_chunked(*xg, chunk_size=C)), args.reps),
+                    best_ms(fwd_bwd(lambda C=C, xg=xg: wkv7_chunked(*xg, chunk_size=C), xg), args.reps),
                     T,
                 )
             q, qg = (
                 torch.randn(B, H, T, N, dtype=dtype),
                 torch.randn(B, H, T, N, dtype=dtype, requires_grad=True),
             )
-            sdpa_reps = 1 if T >= 8192 else args.reps
+            long = T >= 8192  # one run, no warm-up: seconds to a minute each (bf16 backward on CPU is slow)
+            sdpa_reps = 1 if long else args.reps
             record(
                 dname,
                 T,
                 "sdpa",
                 "fwd",
-                best_ms(fwd(lambda q=q: F.scaled_dot_product_attention(q, q, q, is_causal=True)), sdpa_reps),
+                best_ms(
+                    fwd(lambda q=q: F.scaled_dot_product_attention(q, q, q, is_causal=True)),
+                    sdpa_reps,
+                    not long,
+                ),
                 T,
             )
             record(
@@ -158,8 +166,9 @@ def bench(args) -> dict:
                 "sdpa",
                 "fwd+bwd",
                 best_ms(
-                    fwd_bwd(lambda qg=qg: F.scaled_dot_product_attention(qg, qg, qg, is_causal=True)),
+                    fwd_bwd(lambda qg=qg: F.scaled_dot_product_attention(qg, qg, qg, is_causal=True), [qg]),
                     sdpa_reps,
+                    not long,
                 ),
                 T,
             )
@@ -173,7 +182,7 @@ def bench(args) -> dict:
                 T,
                 "recurrent",
                 "fwd+bwd",
-                best_ms(fwd_bwd(lambda xg_r=xg_r: wkv7_recurrent(*xg_r)), 1),
+                best_ms(fwd_bwd(lambda xg_r=xg_r: wkv7_recurrent(*xg_r), xg_r), 1),
                 Tb,
             )
     for row in results:
