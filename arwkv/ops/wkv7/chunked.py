@@ -106,7 +106,7 @@ def _wkv7_prep(g, r, k, v, a, b, scale: float, mask: torch.Tensor):
 def _wkv7_fwd(xs, h_in, sizes: list[int], scale: float, mask: torch.Tensor):
     """One group of chunk steps: xs = (g, r, k, v, a, b) [P, C, D] (P = chunk-heads, step-major, `sizes` per
     step), h_in [>= sizes[0], K, V]. Returns O [P, C, V], h_out (like h_in: each slot's state after its last
-    step here), Hp [P, K, V] (the state entering each chunk)."""
+    step here) and, for the backward, (Hp [P, K, V]: the state entering each chunk, U, _wkv7_prep's)."""
     g, v = xs[0], xs[3]
     P, C, K, V = g.shape[0], g.shape[1], g.shape[2], v.shape[2]
     prep = _wkv7_prep(*xs, scale, mask)
@@ -135,7 +135,7 @@ def _wkv7_fwd(xs, h_in, sizes: list[int], scale: float, mask: torch.Tensor):
 
 
 def _wkv7_bwd(v, Hp, U, prep, dO, dh_out, sizes: list[int], scale: float, mask: torch.Tensor):
-    """Gradients of one _wkv7_fwd group (README §4): recompute, reverse state loop, batched matmuls."""
+    """Gradients of one _wkv7_fwd group (README §4): a reverse state loop, then batched matmuls."""
     C, K = v.shape[1], Hp.shape[1]
     e, ein, em, eC, left, right, L, Tm, WU0 = prep
     dC = eC.mT
@@ -222,9 +222,8 @@ class _Wkv7Chunked(torch.autograd.Function):
     def backward(ctx, do, dhT):
         saved = ctx.saved_tensors  # read once: non-reentrant checkpointing allows no second unpack
         groups, active, rows, valid, H, C = ctx.plan
-        grads = [
-            do.new_empty(shape, dtype=dtype) for shape, dtype in ctx.inputs
-        ]  # every row written once below
+        # every token row of every gradient is written exactly once below
+        grads = [do.new_empty(shape, dtype=dtype) for shape, dtype in ctx.inputs]
         dh = None  # gradient of the state entering the group after this one
         for gi in reversed(range(len(groups))):
             n0, n1, r0, r1 = groups[gi]
@@ -267,11 +266,7 @@ def wkv7_chunked(
     B, T, H, K = r.shape
     V, dev = v.shape[-1], r.device
     C = int(chunk_size)
-    cdt = (
-        torch.float64
-        if torch.float64 in (r.dtype, w.dtype, k.dtype, v.dtype, a.dtype, b.dtype)
-        else torch.float32
-    )
+    cdt = torch.float64 if any(x.dtype == torch.float64 for x in (r, w, k, v, a, b)) else torch.float32
     offsets = cu_seqlens.tolist() if cu_seqlens is not None else [i * T for i in range(B + 1)]
     active, order, rows, valid, unsort = _wkv7_schedule(offsets, C, H, dev)
     N = len(offsets) - 1
