@@ -77,7 +77,7 @@ def wkv7(
     if backend == "recurrent":
         return wkv7_recurrent(*args)
     if backend == "fla":
-        if not fla_available():
+        if not (r.is_cuda and fla_available()):
             raise Wkv7InputError(
                 "backend='fla' needs CUDA tensors and flash-linear-attention installed "
                 "(pip install flash-linear-attention); use backend='chunked' on CPU"
