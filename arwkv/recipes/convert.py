@@ -361,17 +361,23 @@ def run(cfg: RecipeConfig, stages: list[str] | None = None, student_from: str | 
     n_held = int(data.heldout["input_ids"].shape[0])
     summary["heldout"] = {"sequences": n_held, "seq_len": int(data.heldout["input_ids"].shape[1])}
 
+    # the teacher's held-out hidden states never change: computed once, when they fit in 2 GB
+    n_tok, width = int(data.heldout["input_ids"].numel()), int(teacher.config.hidden_size)
+    teacher_cache: dict[int, torch.Tensor] | None = {} if n_tok * width * 4 < 2**31 else None
+
     def evaluate(model: nn.Module) -> dict[str, float]:
         was = model.training
         model.eval()
         try:
             with torch.no_grad():
+                batches = iter_batches(data.heldout, cfg.data.heldout.batch_size)
                 return heldout_metrics(
                     model,
                     teacher,
-                    iter_batches(data.heldout, cfg.data.heldout.batch_size),
+                    batches,
                     confident_p=cfg.eval.confident_p,
                     device=env.device,
+                    teacher_cache=teacher_cache,
                 )
         finally:
             model.train(was)

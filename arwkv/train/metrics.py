@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arwkv.train.forward import Batch, hidden_states
+from arwkv.train.forward import Batch, base_and_head, hidden_states
 from arwkv.train.losses import shift_labels
 
 
@@ -39,13 +39,15 @@ def heldout_metrics(
     confident_p: float = 0.5,
     chunk_size: int = 2048,
     device: torch.device | None = None,
+    teacher_cache: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Token-weighted means over every predicted position of `batches` (padding and document starts
-    excluded)."""
+    excluded). `teacher_cache` (batch index -> teacher hidden states) is filled on the first call and reused
+    afterwards: the teacher's side of a fixed held-out set never changes."""
     device = device or next(student.parameters()).device
     sums = {k: 0.0 for k in ("nll", "teacher_nll", "kl", "top1", "confident", "top1_confident")}
     n = 0
-    for b in batches:
+    for bi, b in enumerate(batches):
         b = {k: v.to(device) for k, v in b.items()}
         labels, weight = shift_labels(b["input_ids"], b.get("attention_mask"), b.get("position_ids"))
         idx = weight.reshape(-1).nonzero().squeeze(-1)
@@ -53,8 +55,14 @@ def heldout_metrics(
         h_s, head_s = _hidden(student, b)
         h_s = h_s.reshape(-1, h_s.shape[-1])
         if teacher is not None:
-            h_t, head_t = hidden_states(teacher, b)
-            h_t = h_t.reshape(-1, h_t.shape[-1])
+            head_t = base_and_head(teacher)[1]
+            if teacher_cache is not None and bi in teacher_cache:
+                h_t = teacher_cache[bi].to(device)
+            else:
+                h_t = hidden_states(teacher, b)[0]
+                h_t = h_t.reshape(-1, h_t.shape[-1])
+                if teacher_cache is not None:
+                    teacher_cache[bi] = h_t
         for i in range(0, idx.numel(), chunk_size):
             j = idx[i : i + chunk_size]
             y = y_all[j]
