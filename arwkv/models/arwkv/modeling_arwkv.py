@@ -51,6 +51,7 @@ TEACHER_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "q
 
 
 _WKV7_GROUP_ROWS = 2048
+_WKV7_SAVED = 12  # tensors kept per group for the backward: v, Hp, U and the 9 of _wkv7_prep
 
 
 def _wkv7_schedule(offsets: list[int], C: int, H: int, device: torch.device):
@@ -140,7 +141,7 @@ def _wkv7_prep(g, r, k, v, a, b, scale: float, mask: torch.Tensor):
 def _wkv7_fwd(xs, h_in, sizes: list[int], scale: float, mask: torch.Tensor):
     """One group of chunk steps: xs = (g, r, k, v, a, b) [P, C, D] (P = chunk-heads, step-major, `sizes` per
     step), h_in [>= sizes[0], K, V]. Returns O [P, C, V], h_out (like h_in: each slot's state after its last
-    step here), Hp [P, K, V] (the state entering each chunk)."""
+    step here) and, for the backward, (Hp [P, K, V]: the state entering each chunk, U, _wkv7_prep's)."""
     g, v = xs[0], xs[3]
     P, C, K, V = g.shape[0], g.shape[1], g.shape[2], v.shape[2]
     prep = _wkv7_prep(*xs, scale, mask)
@@ -164,21 +165,21 @@ def _wkv7_fwd(xs, h_in, sizes: list[int], scale: float, mask: torch.Tensor):
             h_out[m:n].copy_(nxt[m:])
         lo += n
     Hp = Hp[:P]
-    O = torch.baddbmm(torch.baddbmm(L[:, :C, :C] @ v, left[:, :C], Hp), L[:, :C, C:], U)
-    return O, h_out, (Hp, prep)
+    O = torch.bmm(left[:, :C], Hp).baddbmm_(L[:, :C, :C], v).baddbmm_(L[:, :C, C:], U)  # R̃h₀+A_qk V+A_qb U
+    return O, h_out, (Hp, U, prep)
 
 
-def _wkv7_bwd(v, Hp, prep, dO, dh_out, sizes: list[int], scale: float, mask: torch.Tensor):
-    """Gradients of one _wkv7_fwd group (README §4): recompute, reverse state loop, batched matmuls."""
+def _wkv7_bwd(v, Hp, U, prep, dO, dh_out, sizes: list[int], scale: float, mask: torch.Tensor):
+    """Gradients of one _wkv7_fwd group (README §4): a reverse state loop, then batched matmuls."""
     C, K = v.shape[1], Hp.shape[1]
     e, ein, em, eC, left, right, L, Tm, WU0 = prep
     dC = eC.mT
     rt, at, kin, bin_ = left[:, :C], left[:, C:], right[:, :C], right[:, C:]
     W = WU0[..., :K]
-    U = torch.baddbmm(WU0[..., K:], W, Hp)
     dU_loc = L[:, :C, C:].mT @ dO
     dh_O = rt.mT @ dO
     dX, dU = torch.empty_like(Hp), torch.empty_like(U)
+    bufs = (torch.empty_like(dh_out), torch.empty_like(dh_out))
     dh = dh_out[: sizes[-1]]
     lo = len(Hp)
     for i in reversed(range(len(sizes))):
@@ -189,12 +190,12 @@ def _wkv7_bwd(v, Hp, prep, dO, dh_out, sizes: list[int], scale: float, mask: tor
         dX_i, dU_i = dX[lo : lo + n], dU[lo : lo + n]
         torch.mul(dh, dC[lo : lo + n], out=dX_i)
         torch.baddbmm(dU_loc[lo : lo + n], bin_[lo : lo + n], dX_i, out=dU_i)
-        dh = torch.baddbmm(dh_O[lo : lo + n], W[lo : lo + n].mT, dU_i).add_(dX_i)
+        dh = torch.baddbmm(dh_O[lo : lo + n], W[lo : lo + n].mT, dU_i, out=bufs[i % 2][:n]).add_(dX_i)
     if dh.shape[0] < dh_out.shape[0]:  # empty sequences: final state = initial state
         dh = torch.cat([dh, dh_out[dh.shape[0] :]])
     VU = torch.cat([v, U], 1)
     Z = VU @ dX.mT  # [v dXᵀ; U dXᵀ]: the state update's share of d(k e^{-γ}), d(b e^{-γ})
-    dgC = (dX * Hp).sum(-1) + (right * Z).sum(1)  # direct dependence of the state on γ_C
+    dgC = torch.einsum("pkv,pkv->pk", dX, Hp) + torch.einsum("pck,pck->pk", right, Z)  # the state's own γ_C
     dY = Tm.mT @ torch.cat([dU @ Hp.mT, dU], -1)  # through W = T ã and U⁰ = T A_ak v
     dL = torch.cat([dO @ VU.mT, torch.cat([dY[..., K:] @ v.mT, dY @ WU0.mT], -1)], 1).masked_fill_(mask, 0)
     dleft = dL @ right
@@ -203,7 +204,7 @@ def _wkv7_bwd(v, Hp, prep, dO, dh_out, sizes: list[int], scale: float, mask: tor
     dat = dleft[:, C:] + dY[..., :K]
     dkin, dbin = dright[:, :C], dright[:, C:]
     dv = torch.baddbmm(L[:, :, :C].mT @ torch.cat([dO, dY[..., K:]], 1), kin, dX)
-    dgam = drt * rt + dat * at - dkin * kin - dbin * bin_
+    dgam = (drt * rt).addcmul_(dat, at).addcmul_(dkin, kin, value=-1).addcmul_(dbin, bin_, value=-1)
     dgam[:, -1] += dgC
     dg = dgam.flip(1).cumsum(1).flip(1) - dat * at
     dr = drt * e if scale == 1.0 else drt * e * scale
@@ -220,7 +221,8 @@ def _wkv7_gather(flat, idx: torch.Tensor, keep: torch.Tensor | None, C: int, cdt
 
 
 def _wkv7_run(flat, h0, plan, scale: float, mask: torch.Tensor, cdt: torch.dtype, save: bool):
-    """Forward over all groups: o [tokens * H, V], final states [N * H, K, V] (sorted slots), saved states."""
+    """Forward over all groups: o [tokens * H, V], final states [N * H, K, V] (sorted slots) and, with `save`,
+    _WKV7_SAVED tensors per group for the backward."""
     groups, active, rows, valid, H, C = plan
     o = flat[3].new_empty(flat[3].shape)
     hT = torch.empty_like(h0)
@@ -229,9 +231,9 @@ def _wkv7_run(flat, h0, plan, scale: float, mask: torch.Tensor, cdt: torch.dtype
         idx = rows[r0:r1]
         keep = None if valid is None else valid[r0:r1].view(-1, C, 1)
         xs = _wkv7_gather(flat, idx, keep, C, cdt)
-        O, h_out, Hp = _wkv7_fwd(xs, h, [n * H for n in active[n0:n1]], scale, mask)
+        O, h_out, (Hp, U, prep) = _wkv7_fwd(xs, h, [n * H for n in active[n0:n1]], scale, mask)
         if save:
-            saved.append((xs[3], *Hp))
+            saved.extend((xs[3], Hp, U, *prep))
         O = O.view(-1, O.shape[-1]).to(o.dtype)
         if keep is not None:
             idx, O = idx[keep.flatten()], O[keep.flatten()]
@@ -246,16 +248,17 @@ class _Wkv7Chunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, r, k, v, a, b, h0, plan, scale, mask, cdt):
         o, hT, saved = _wkv7_run((w, r, k, v, a, b), h0, plan, scale, mask, cdt, save=True)
-        ctx.save_for_backward(w, r, k, v, a, b)
-        ctx.groups_saved = saved
+        ctx.save_for_backward(*saved)  # intermediates too, so that checkpointing can drop and recompute them
+        ctx.inputs = [(x.shape, x.dtype) for x in (w, r, k, v, a, b)]
         ctx.plan, ctx.scale, ctx.mask, ctx.cdt = plan, scale, mask, cdt
         return o, hT
 
     @staticmethod
     def backward(ctx, do, dhT):
-        flat, Hps = ctx.saved_tensors, ctx.groups_saved
+        saved = ctx.saved_tensors  # read once: non-reentrant checkpointing allows no second unpack
         groups, active, rows, valid, H, C = ctx.plan
-        grads = [torch.empty_like(x) for x in flat]  # every token row is written exactly once below
+        # every token row of every gradient is written exactly once below
+        grads = [do.new_empty(shape, dtype=dtype) for shape, dtype in ctx.inputs]
         dh = None  # gradient of the state entering the group after this one
         for gi in reversed(range(len(groups))):
             n0, n1, r0, r1 = groups[gi]
@@ -266,15 +269,9 @@ class _Wkv7Chunked(torch.autograd.Function):
                 dO = torch.where(keep, dO, 0)
             n_in = len(dhT) if gi == 0 else active[n0] * H
             dh_out = dhT[:n_in] if dh is None else torch.cat([dh, dhT[len(dh) : n_in]])
+            v, Hp, U, *prep = saved[_WKV7_SAVED * gi : _WKV7_SAVED * (gi + 1)]
             gs, dh = _wkv7_bwd(
-                Hps[gi][0],
-                Hps[gi][1],
-                Hps[gi][2],
-                dO,
-                dh_out,
-                [n * H for n in active[n0:n1]],
-                ctx.scale,
-                ctx.mask,
+                v, Hp, U, prep, dO, dh_out, [n * H for n in active[n0:n1]], ctx.scale, ctx.mask
             )
             if keep is not None:
                 idx = idx[keep.flatten()]
@@ -304,11 +301,7 @@ def wkv7_chunked(
     B, T, H, K = r.shape
     V, dev = v.shape[-1], r.device
     C = int(chunk_size)
-    cdt = (
-        torch.float64
-        if torch.float64 in (r.dtype, w.dtype, k.dtype, v.dtype, a.dtype, b.dtype)
-        else torch.float32
-    )
+    cdt = torch.float64 if any(x.dtype == torch.float64 for x in (r, w, k, v, a, b)) else torch.float32
     offsets = cu_seqlens.tolist() if cu_seqlens is not None else [i * T for i in range(B + 1)]
     active, order, rows, valid, unsort = _wkv7_schedule(offsets, C, H, dev)
     N = len(offsets) - 1
