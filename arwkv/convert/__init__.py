@@ -7,7 +7,11 @@ from typing import Any
 from arwkv.convert.build import build_student
 from arwkv.convert.families import FAMILIES, check_teacher
 
-_LOADERS = {"load_llama2c": "arwkv.convert.llama2c", "load_gguf_teacher": "arwkv.convert.gguf"}
+_LOADERS = {
+    "load_llama2c": "arwkv.convert.llama2c",
+    "load_gguf_teacher": "arwkv.convert.gguf",
+    "load_teacher": "arwkv.convert.teachers",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +23,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'arwkv.convert' has no attribute {name!r}")
 
 
-__all__ = ["FAMILIES", "build_student", "check_teacher", "load_gguf_teacher", "load_llama2c"]
+__all__ = ["FAMILIES", "build_student", "check_teacher", "load_gguf_teacher", "load_llama2c", "load_teacher"]
