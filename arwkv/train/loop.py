@@ -296,6 +296,7 @@ def train(
                         f"The last good state is saved in {good}. Lower the learning rate ({desc}.lr=...) "
                         "or check the data, then rerun the same command to resume from it."
                     )
+                lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -308,7 +309,7 @@ def train(
                     "step": step,
                     "tokens": tokens,
                     "loss": loss_value,
-                    "lr": optimizer.param_groups[0]["lr"],
+                    **lrs,
                     "grad_norm": grad_norm,
                     "tok_s": counts[1].item() / max(dt, 1e-9),
                     "wall_s": wall,
