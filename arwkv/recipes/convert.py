@@ -393,6 +393,13 @@ def run(cfg: RecipeConfig, stages: list[str] | None = None, student_from: str | 
         done = summary["stages"].get(name)
         if done and done.get("done"):
             _say(env, f"{name}: already done, restoring its final state")
+            changed = [k for k, v in to_dict(scfg).items() if done.get("config", {}).get(k, v) != v]
+            if changed:
+                _say(
+                    env,
+                    f"{name}: note: {', '.join(changed)} changed since it ran; the finished stage is "
+                    "kept (use another out_dir, or --fresh, to train it again)",
+                )
             restore_student(student, Path(done["checkpoint"]))
             minutes_before += done["wall_s"] / 60
             last_after = done["after"]
@@ -427,6 +434,7 @@ def run(cfg: RecipeConfig, stages: list[str] | None = None, student_from: str | 
             lr=scfg.lr,
             mixer_lr=scfg.mixer_lr,
             loss=scfg.loss,
+            config=to_dict(scfg),
         )
         minutes_before += res.wall_s / 60
         last_after = after

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -32,7 +33,7 @@ from torch import nn
 from arwkv.config import StageConfig
 from arwkv.errors import ArwkvError, ConfigError, TrainingDivergedError
 from arwkv.train import checkpoint as ckpt
-from arwkv.train.distributed import DistEnv, all_reduce_sum, current_env, wrap
+from arwkv.train.distributed import DistEnv, all_reduce_sum, barrier, current_env, wrap
 from arwkv.train.schedule import make_scheduler
 
 Batch = dict[str, torch.Tensor]
@@ -200,6 +201,9 @@ def train(
     scheduler = make_scheduler(optimizer, n_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.schedule)
 
     step, tokens, wall = 0, 0, 0.0
+    if not resume and env.is_main and ckpt_dir.is_dir():
+        shutil.rmtree(ckpt_dir)  # a fresh start: older, higher-numbered checkpoints would shadow the new ones
+    barrier()
     last = ckpt.latest_checkpoint(ckpt_dir) if resume else None
     if last is not None:
         state = ckpt.load_checkpoint(last, model, optimizer, scheduler)

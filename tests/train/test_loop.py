@@ -215,3 +215,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for n, p in student.named_parameters():
         if n in ref:
             torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7)
+
+
+def test_fresh_start_discards_older_checkpoints(tmp_path):
+    teacher, student, corpus = _setup()
+    _run(tmp_path, teacher, student, corpus, stage_cfg(max_steps=4, ckpt_interval=2))
+    teacher, student, corpus = _setup()
+    rows = PackedCorpus.from_sequences(corpus)
+    res = train(
+        DistillTask(student, teacher),
+        PackedLoader(rows, 4, seed=0),
+        stage_cfg(max_steps=2),
+        tmp_path,
+        resume=False,
+    )
+    assert res.steps == 2 and len(res.history) == 2
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_000002"]
