@@ -1,4 +1,4 @@
-"""Shared test setup: one torch thread (2 shared cores), fixed seeds, a `shared` fixture for ../shared assets."""
+"""Shared test setup: one torch thread (2 shared cores), fixed seeds, a `shared` fixture for ../shared."""
 
 from __future__ import annotations
 
