@@ -12,6 +12,7 @@ The same command runs under `torchrun --nproc-per-node N -m arwkv ...` or `accel
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -162,13 +163,40 @@ def _print_keys() -> int:
     return 0
 
 
+def _launch(processes: int, argv: list[str]) -> int | None:
+    """Re-run this command in `processes` local DDP processes (as torchrun would), unless already in one."""
+    if processes <= 1 or "WORLD_SIZE" in os.environ:
+        return None
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    print(f"[arwkv] starting {processes} processes (DDP on this machine)", flush=True)
+    launch = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={processes}", "-m", "arwkv", *argv]
+    )
+    try:
+        run(launch)
+    except ChildFailedError as e:  # the workers already printed their message
+        return next((f.exitcode for f in e.failures.values() if f.exitcode), 1)
+    return 0
+
+
+def _done(result) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"student: {result.final_dir}\nreport:  {result.run_dir / 'report.md'}")
+
+
 def cmd_convert(args) -> int:
     if args.help_keys:
         return _print_keys()
     from arwkv.recipes.convert import run
 
-    result = run(_load_cfg(args))
-    print(f"student: {result.final_dir}\nreport:  {result.run_dir / 'report.md'}")
+    cfg = _load_cfg(args)
+    code = _launch(cfg.processes, args.argv)
+    if code is not None:
+        return code
+    result = run(cfg)
+    _done(result)
     return 0
 
 
@@ -187,8 +215,11 @@ def cmd_stage(args) -> int:
 
     cfg = _load_cfg(args, _recipe_near(args.source))
     getattr(cfg, args.stage).enabled = True
+    code = _launch(cfg.processes, args.argv)
+    if code is not None:
+        return code
     result = run(cfg, stages=[args.stage], student_from=args.source)
-    print(f"student: {result.final_dir}\nreport:  {result.run_dir / 'report.md'}")
+    _done(result)
     return 0
 
 
@@ -332,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; with an explicit argv (tests, notebooks) it returns the exit status instead of exiting."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 0 if argv is not None else sys.exit(0)

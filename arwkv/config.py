@@ -146,6 +146,9 @@ class RecipeConfig:
     out_dir: str = ""  # empty: runs/<name>
     seed: int = 0
     threads: int = 0  # torch CPU threads per process; 0 = leave torch's default
+    # > 1: `arwkv convert` starts this many local processes itself (DDP, as torchrun would); tiny models use
+    # several CPU cores far better as processes than as threads. Ignored under torchrun / accelerate launch.
+    processes: int = 1
     device: str = "auto"  # auto = cuda when available
     bf16: bool = False  # bf16 autocast (CPU and GPU); master weights stay fp32
     grad_checkpointing: bool = False

@@ -15,6 +15,7 @@ Run layout:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -202,6 +203,16 @@ def _heldout_from_corpus(corpus, n: int) -> dict[str, torch.Tensor]:
     }
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def prepare_data(cfg: RecipeConfig, teacher: nn.Module, tokenizer, env: DistEnv) -> RunData:
     """Training corpus (data-free: sampled by the teacher, cached; rank 0 samples, the others read the cache)
     and the held-out set."""
@@ -224,8 +235,9 @@ def prepare_data(cfg: RecipeConfig, teacher: nn.Module, tokenizer, env: DistEnv)
             seed=cfg.seed,
             cache_dir=_cache_dir(cfg, "teacher_corpus"),
         )
-        if env.is_main:  # one process samples and fills the cache; the others then read it
-            out = teacher_corpus(teacher, progress=True, **kwargs)
+        if env.is_main:  # one process samples and fills the cache; the others wait, so it may use their cores
+            with _threads(torch.get_num_threads() * env.world_size):
+                out = teacher_corpus(teacher, progress=True, **kwargs)
         barrier()
         return out if env.is_main else teacher_corpus(teacher, progress=False, **kwargs)
 

@@ -236,3 +236,17 @@ def test_pipeline_api_without_cli(shared, tmp_path):
 def test_interrupt_error_is_an_arwkv_error():
     assert issubclass(TrainingInterrupted, Exception) and issubclass(DataError, Exception)
     assert sys.modules["arwkv.cli"]
+
+
+@pytest.mark.slow
+def test_convert_with_two_local_processes(shared, tmp_path, capsys):
+    """`processes=2`: the command starts its own 2 DDP processes; the result is a normal run."""
+    run = tmp_path / "p2"
+    code = main(
+        ["convert", "--recipe", "stories260k", _teacher(shared), f"out_dir={run}", *TINY, "processes=2"]
+    )
+    assert code == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stages"]["distill"]["done"] and (run / "final" / "config.json").is_file()
+    assert sorted(p.name for p in (run / "distill" / "checkpoints").iterdir())[-1] == "step_000004"
+    assert (run / "distill" / "checkpoints" / "step_000004" / "rank1.pt").is_file()
