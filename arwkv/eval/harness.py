@@ -213,6 +213,7 @@ def evaluate(
     return out
 
 
+@torch.no_grad()
 def run_eval(
     model_specs: Sequence[str],
     tasks: Sequence[str] = DEFAULT_TASKS,
@@ -237,7 +238,6 @@ def run_eval(
     baseline.
     The first non-baseline spec is the retention reference unless `reference` names another.
     """
-    torch.set_grad_enabled(False)
     models = load_models(model_specs, names=names, swa_window=swa_window, swa_sinks=swa_sinks)
     if reference is None:
         plain = [n for n, s in zip(models, model_specs, strict=True) if not s.startswith(SWA_PREFIX)]
@@ -271,6 +271,7 @@ def load_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+@torch.no_grad()
 def run_long_context_eval(
     model_specs: Sequence[str],
     out_dir: str | Path = "runs/eval",
@@ -289,7 +290,6 @@ def run_long_context_eval(
     """Passkey grid and loss-by-position for each spec; writes long_context.{json,md,png} in `out_dir`."""
     from arwkv.eval.long_context import run_long_context
 
-    torch.set_grad_enabled(False)
     models = load_models(model_specs, names=names, swa_window=swa_window, swa_sinks=swa_sinks)
     text = Path(text_file or default_text_file()).read_text(encoding="utf-8")
     return run_long_context(models, out_dir, text=text, lengths=lengths, depths=depths, trials=trials,
