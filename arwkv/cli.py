@@ -12,6 +12,7 @@ The same command runs under `torchrun --nproc-per-node N -m arwkv ...` or `accel
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -163,14 +164,19 @@ def _print_keys() -> int:
     return 0
 
 
-def _launch(processes: int, argv: list[str]) -> int | None:
+def _launch(processes: int, argv: list[str], teacher: str) -> int | None:
     """Re-run this command in `processes` local DDP processes (as torchrun would), unless already in one."""
     if processes <= 1 or "WORLD_SIZE" in os.environ:
         return None
+    from arwkv.convert.teachers import check_teacher_spec
+
+    check_teacher_spec(teacher)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     print(f"[arwkv] starting {processes} processes (DDP on this machine)", flush=True)
+    # the workers report their own errors (rank 0 only); torchrun's failure records would repeat them
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     launch = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={processes}", "-m", "arwkv", *argv]
     )
@@ -192,7 +198,7 @@ def cmd_convert(args) -> int:
     from arwkv.recipes.convert import run
 
     cfg = _load_cfg(args)
-    code = _launch(cfg.processes, args.argv)
+    code = _launch(cfg.processes, args.argv, cfg.teacher.path)
     if code is not None:
         return code
     result = run(cfg)
@@ -215,7 +221,7 @@ def cmd_stage(args) -> int:
 
     cfg = _load_cfg(args, _recipe_near(args.source))
     getattr(cfg, args.stage).enabled = True
-    code = _launch(cfg.processes, args.argv)
+    code = _launch(cfg.processes, args.argv, cfg.teacher.path)
     if code is not None:
         return code
     result = run(cfg, stages=[args.stage], student_from=args.source)
@@ -375,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[arwkv] {e}", file=sys.stderr)
         code = 130
     except ArwkvError as e:
-        print(f"[arwkv] error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every DDP process hits the same bad input: say it once
+            print(f"[arwkv] error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("\n[arwkv] aborted", file=sys.stderr)

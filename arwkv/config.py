@@ -58,6 +58,7 @@ class DataFreeConfig:
     batch_size: int = 64  # sampling batch
     prompts: Literal["bos", "chat"] = "bos"
     cache_dir: str = ""  # empty: <out_dir>/../.cache/teacher_corpus
+    shards: int = 1  # sampled in parallel by that many processes (the corpus is the same for any count)
 
 
 @dataclass

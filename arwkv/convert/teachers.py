@@ -20,6 +20,18 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def check_teacher_spec(spec: str | Path) -> None:
+    """Raise the error `load_teacher` would give for a teacher that cannot exist, without loading anything
+    (the CLI checks this before starting several processes, so the message is printed once, up front)."""
+    name = str(spec).strip()
+    path = Path(name).expanduser()
+    if name.lower() in NAMED_TEACHERS or path.exists():
+        return
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return
+    raise CheckpointError(f"teacher {name!r} does not exist: no such file or folder; expected {ACCEPTED}")
+
+
 def load_teacher(spec: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, object]:
     """(teacher model in eval mode, its tokenizer or None when the checkpoint has none, e.g. llama2.c).
 
@@ -52,8 +64,8 @@ def load_teacher(spec: str | Path, *, dtype: torch.dtype = torch.float32) -> tup
         except CheckpointError as e:
             raise CheckpointError(f"teacher {name!r} is not a local file or folder, and loading it as a "
                                   f"Hugging Face Hub id failed: {e.__cause__ or e}") from e
-    raise CheckpointError(f"teacher {name!r} does not exist: no such file or folder; expected {ACCEPTED}")
-
+    check_teacher_spec(name)
+    raise AssertionError("unreachable: check_teacher_spec accepts only existing or hub-id teachers")
 
 def _load_hf(where: str, dtype: torch.dtype, has_tokenizer: bool) -> tuple[PreTrainedModel, object]:
     try:

@@ -191,6 +191,22 @@ def _cache_dir(cfg: RecipeConfig, kind: str) -> Path:
     return cfg.run_dir.parent / ".cache" / kind
 
 
+def _concat_corpora(parts: list):
+    """One TeacherCorpus from shards (training rows concatenated; the held-out set is shard 0's)."""
+    import dataclasses
+
+    first = parts[0]
+    width = max(p.train.shape[1] for p in parts)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    return dataclasses.replace(
+        first,
+        train=torch.cat([pad(p.train) for p in parts]),
+        train_lengths=torch.cat([p.train_lengths for p in parts]),
+        train_prompt_lengths=torch.cat([p.train_prompt_lengths for p in parts]),
+        meta={**first.meta, "shards": len(parts)},
+    )
+
+
 def _heldout_from_corpus(corpus, n: int) -> dict[str, torch.Tensor]:
     """One sampled sequence per row, right-padded: no packing, so every baseline sees whole documents."""
     ids, lengths = corpus.heldout[:n], corpus.heldout_lengths[:n]
@@ -214,38 +230,49 @@ def _threads(n: int):
 
 
 def prepare_data(cfg: RecipeConfig, teacher: nn.Module, tokenizer, env: DistEnv) -> RunData:
-    """Training corpus (data-free: sampled by the teacher, cached; rank 0 samples, the others read the cache)
-    and the held-out set."""
+    """Training corpus and held-out set.
+
+    Data-free: the teacher samples `data_free.shards` shards (shard k with seed + 1000k, the held-out set in
+    shard 0); processes share them out and fill the cache, then everyone reads every shard from the cache, so
+    the corpus does not depend on the number of processes.
+    """
     from arwkv.data.teacher_corpus import teacher_corpus
 
     d, h = cfg.data, cfg.data.heldout
-    mode = d.data_free.prompts
     t0 = time.perf_counter()
 
-    def sample(num_train: int, num_heldout: int, seq_len: int):
-        kwargs = dict(
-            num_train=num_train,
-            num_heldout=num_heldout,
-            seq_len=seq_len,
-            mode=mode,
-            tokenizer=tokenizer,
-            temperature=d.data_free.temperature,
-            top_k=d.data_free.top_k,
-            batch_size=d.data_free.batch_size,
-            seed=cfg.seed,
-            cache_dir=_cache_dir(cfg, "teacher_corpus"),
-        )
-        if env.is_main:  # one process samples and fills the cache; the others wait, so it may use their cores
-            with _threads(torch.get_num_threads() * env.world_size):
-                out = teacher_corpus(teacher, progress=True, **kwargs)
+    def sample(num_train: int, num_heldout: int, seq_len: int, shards: int = 1):
+        def shard(k: int, progress: bool):
+            per = num_train // shards + (1 if k < num_train % shards else 0)
+            return teacher_corpus(
+                teacher,
+                num_train=per,
+                num_heldout=num_heldout if k == 0 else 0,
+                seq_len=seq_len,
+                mode=d.data_free.prompts,
+                tokenizer=tokenizer,
+                temperature=d.data_free.temperature,
+                top_k=d.data_free.top_k,
+                batch_size=d.data_free.batch_size,
+                seed=cfg.seed + 1000 * k,
+                cache_dir=_cache_dir(cfg, "teacher_corpus"),
+                progress=progress,
+            )
+
+        mine = list(range(env.rank, shards, env.world_size))
+        idle = env.world_size - min(shards, env.world_size)  # processes with no shard lend their cores
+        with _threads(torch.get_num_threads() * (1 + idle) if env.is_main else torch.get_num_threads()):
+            for k in mine:
+                shard(k, progress=env.is_main)
         barrier()
-        return out if env.is_main else teacher_corpus(teacher, progress=False, **kwargs)
+        parts = [shard(k, progress=False) for k in range(shards)]  # cache hits
+        return parts[0] if shards == 1 else _concat_corpora(parts)
 
     corpus, heldout = None, None
     same_len = h.seq_len == d.data_free.seq_len
     if not d.train:
         n_held = h.num_sequences if h.source == "teacher" and same_len else 0
-        corpus = sample(d.data_free.num_sequences, n_held, d.data_free.seq_len)
+        corpus = sample(d.data_free.num_sequences, n_held, d.data_free.seq_len, d.data_free.shards)
         if n_held:
             heldout = _heldout_from_corpus(corpus, h.num_sequences)
     if heldout is None:

@@ -100,7 +100,7 @@ def wrap(module: nn.Module, env: DistEnv, strategy: str = "ddp") -> nn.Module:
     ids = [env.device.index] if env.device.type == "cuda" else None
     # find_unused_parameters: some trainable tensors get no gradient (the first RWKV layer's value-residual
     # gate has no v_first to mix in)
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, static_graph=True)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -305,3 +305,20 @@ def test_gradient_checkpointing(reentrant):
     loss.backward()
     for x, g in zip(leaves, ref, strict=True):
         assert rel_rms(x.grad, g) < 1e-12
+
+
+def test_chunked_ignores_an_enclosing_cpu_autocast():
+    """Under bf16 autocast (training with bf16=True) the kernel still computes in fp32: same results."""
+    xs, h0 = make_inputs(B=2, T=37, H=2, K=16, V=16, seed=5)
+    xs = [x.float() for x in xs]
+
+    def run(autocast: bool):
+        leaves = [x.clone().requires_grad_() for x in xs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o, hT = wkv7(*leaves, initial_state=h0.float(), output_final_state=True, backend="chunked")
+            (o.sum() + hT.square().sum()).backward()
+        return [o, hT, *(x.grad for x in leaves)]
+
+    for got, ref in zip(run(True), run(False), strict=True):
+        assert got.dtype == ref.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)

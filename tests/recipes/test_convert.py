@@ -19,6 +19,7 @@ from arwkv.recipes import convert as convert_mod
 from arwkv.train.loop import TrainingInterrupted
 
 TINY = [
+    "processes=1",
     "data.data_free.num_sequences=48",
     "data.data_free.seq_len=64",
     "data.data_free.batch_size=48",
@@ -130,6 +131,7 @@ def test_tokenizer_that_does_not_match_the_teacher(shared, tmp_path, capsys):
             _teacher(shared),
             f"out_dir={tmp_path / 'r'}",
             f"teacher.tokenizer={shared / 'assets/qwen2-tokenizer'}",
+            "processes=1",  # the check runs in the workers; one process keeps its message in this one
         ]
     )
     assert code == 2
@@ -147,6 +149,7 @@ def test_data_files_need_a_tokenizer(shared, tmp_path, capsys):
             _teacher(shared),
             f"out_dir={tmp_path / 'r'}",
             f"data.train=[{f}]",
+            "processes=1",
         ]
     )
     assert code == 2
@@ -187,6 +190,8 @@ def test_empty_or_unreadable_data_file(qwen_tok_teacher, tmp_path, content, caps
             f"out_dir={tmp_path / 'r'}",
             f"data.train=[{f}]",
             "data.heldout.source=split",
+            "processes=1",
+            "student.mixer.head_size=8",  # the tiny teacher is 16 wide
         ]
     )
     assert code == 2

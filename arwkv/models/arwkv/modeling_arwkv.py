@@ -255,6 +255,11 @@ class _Wkv7Chunked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dhT):
+        with torch.autocast(do.device.type, enabled=False):  # the kernel computes in ctx.cdt, never lower
+            return _Wkv7Chunked._backward(ctx, do, dhT)
+
+    @staticmethod
+    def _backward(ctx, do, dhT):
         saved = ctx.saved_tensors  # read once: non-reentrant checkpointing allows no second unpack
         groups, active, rows, valid, H, C = ctx.plan
         # every token row of every gradient is written exactly once below
@@ -324,10 +329,13 @@ def wkv7_chunked(
     else:
         h0 = initial_state.to(cdt).index_select(0, order).view(N * H, K, V)
     flat = [x.reshape(-1, x.shape[-1]) for x in (w, r, k, v, a, b)]  # rows = (token, head)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*flat, h0)):
-        o, hT = _Wkv7Chunked.apply(*flat, h0, plan, scale, mask, cdt)
-    else:
-        o, hT, _ = _wkv7_run(flat, h0, plan, scale, mask, cdt, save=False)
+    # autocast off: the kernel computes in cdt (fp32/fp64) whatever the inputs, and writes into preallocated
+    # buffers (out=) that an autocast-lowered matmul could not fill
+    with torch.autocast(dev.type, enabled=False):
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*flat, h0)):
+            o, hT = _Wkv7Chunked.apply(*flat, h0, plan, scale, mask, cdt)
+        else:
+            o, hT, _ = _wkv7_run(flat, h0, plan, scale, mask, cdt, save=False)
     final = hT.view(N, H, K, V).index_select(0, unsort) if output_final_state else None
     return o.view(B, T, H, V), final
 
