@@ -28,7 +28,7 @@ lint: setup
 	$(BIN)/ruff check arwkv tests benchmarks tools
 
 demo: setup
-	$(BIN)/arwkv convert --recipe smollm2-135m
+	$(BIN)/arwkv demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

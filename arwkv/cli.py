@@ -129,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-file", default=None, help="text for perplexity (default: WikiText-2 test)")
     p.add_argument("--context-length", type=int, default=512)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "demo",
+        help="the embedded default: convert, evaluate, chat, report (`make demo`)",
+        description="Convert with a recipe (default smollm2-135m, ~20 minutes on 2 CPU cores), then score "
+        "teacher, student and the sliding-window baseline on the benchmark sets (--limit items each), run "
+        "passkey / loss-by-position, let teacher and student answer the same chat prompt, and write "
+        "<out_dir>/demo.md. Recipe keys scale it up, e.g. distill.tokens=5e6 device=cuda teacher.path=DIR.",
+    )
+    _recipe_args(p, required=False)
+    p.add_argument("--limit", type=int, default=50, help="items per benchmark set (0: all)")
+    p.add_argument("--prompt", default=None, help="the chat prompt both models answer")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -362,6 +376,18 @@ def cmd_eval(args) -> int:
         context_length=args.context_length,
     )
     print(f"results: {Path(args.out) / 'eval.md'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    if args.help_keys:
+        return _print_keys()
+    from arwkv.recipes.demo import DEFAULT_PROMPT, run_demo
+
+    cfg = _load_cfg(args, "smollm2-135m")
+    cfg.processes = 1  # the evaluation phases run in this process
+    prompt = args.prompt or DEFAULT_PROMPT
+    run_demo(cfg, limit=args.limit or None, prompt=prompt, max_new_tokens=args.max_new_tokens)
     return 0
 
 

@@ -1,0 +1,147 @@
+"""The embedded default (`arwkv demo`, `make demo`): convert, evaluate, talk, report.
+
+1. `convert` with a recipe (default smollm2-135m: the teacher writes its own chat data; resumable),
+2. `eval` of teacher, student and the training-free sliding-window + sinks baseline on the local benchmark
+   sets (`--limit` items each) and WikiText perplexity, plus teacher–student KL,
+3. passkey retrieval and loss by position (long context) for the same three models,
+4. teacher and student answer the same chat prompt (greedy),
+5. `<run>/demo.md` ties it together beside the conversion's report.md and the plots.
+
+Every phase writes its own files, so a second run after an interruption resumes the conversion and redoes only
+the (short) evaluation phases.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from arwkv.config import RecipeConfig
+from arwkv.recipes.convert import ConvertResult, run_recipe
+
+DEMO_TASKS = ("lambada_openai", "arc_easy", "piqa", "hellaswag", "winogrande", "blimp", "wikitext")
+DEFAULT_PROMPT = "Give me three tips for staying focused while studying."
+NAMES = ("teacher", "student", "swa")
+
+
+def chat_reply(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
+    """The model's greedy reply to one user message (with the chat template; plain text without one)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    return tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True).strip()
+
+
+def _section(path: Path, title: str) -> str:
+    """A generated markdown file, inlined under `title` with its own top-level heading dropped."""
+    if not path.is_file():
+        return f"## {title}\n\n(not produced: {path.name} is missing)\n"
+    lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("# ")]
+    return f"## {title}\n\n" + "\n".join(lines).strip() + "\n"
+
+
+def run_demo(
+    recipe: RecipeConfig | str | Path = "smollm2-135m",
+    overrides: Sequence[str] = (),
+    *,
+    limit: int | None = 50,
+    tasks: Sequence[str] = DEMO_TASKS,
+    prompt: str = DEFAULT_PROMPT,
+    max_new_tokens: int = 64,
+    passkey_lengths: Sequence[int] = (512, 1024, 2048),
+    progress: bool = True,
+) -> Path:
+    """Run the five phases; returns the path of demo.md."""
+    from arwkv.eval.harness import SWA_PREFIX, load_models, run_eval, run_long_context_eval
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    result: ConvertResult = run_recipe(recipe, list(overrides))
+    timings["convert (this invocation)"] = time.perf_counter() - t0
+    run_dir = result.run_dir
+    if result.final_dir is None:
+        raise RuntimeError(f"the conversion in {run_dir} produced no final student")
+    teacher = result.summary["config"]["teacher"]["path"]
+    specs = [teacher, str(result.final_dir), SWA_PREFIX + teacher]
+    eval_dir = run_dir / "eval"
+
+    print(
+        f"[arwkv] demo: benchmarks (limit {limit}) for teacher, student, sliding-window baseline", flush=True
+    )
+    t = time.perf_counter()
+    run_eval(specs, tasks, limit=limit, out_dir=eval_dir, names=list(NAMES), progress=progress)
+    timings["benchmarks"] = time.perf_counter() - t
+
+    print("[arwkv] demo: passkey retrieval and loss by position", flush=True)
+    t = time.perf_counter()
+    run_long_context_eval(
+        specs,
+        eval_dir,
+        names=list(NAMES),
+        lengths=tuple(passkey_lengths),
+        context_length=max(passkey_lengths),
+        max_windows=2,
+        progress=progress,
+    )
+    timings["long context"] = time.perf_counter() - t
+
+    print("[arwkv] demo: teacher and student answer the same prompt", flush=True)
+    t = time.perf_counter()
+    models = load_models(specs[:2], names=list(NAMES[:2]))
+    answers = {name: chat_reply(m, tok, prompt, max_new_tokens) for name, (m, tok) in models.items()}
+    timings["chat"] = time.perf_counter() - t
+    for name, text in answers.items():
+        print(f"\n--- {name} ---\n{text}", flush=True)
+
+    total = result.summary.get("total_wall_s", 0.0) + sum(
+        v for k, v in timings.items() if k != "convert (this invocation)"
+    )
+    lines = [
+        f"# arwkv demo: {teacher} → RWKV-7 student",
+        "",
+        f"Run folder `{run_dir}`; conversion details, curves, held-out metrics: [report.md](report.md).",
+        f"Benchmarks use the first {limit} items of each set (`--limit`): standard errors are large.",
+        "",
+        "## Same prompt, both models (greedy)",
+        "",
+        f"> {prompt}",
+        "",
+    ]
+    for name, text in answers.items():
+        lines += [f"**{name}**:", "", "```text", text or "(empty)", "```", ""]
+    lines += [
+        _section(eval_dir / "eval.md", "Benchmarks"),
+        _section(eval_dir / "long_context.md", "Long context"),
+        "![passkey and loss by position](eval/long_context.png)",
+        "",
+        "## Time",
+        "",
+        "| phase | minutes |",
+        "| --- | ---: |",
+        f"| conversion (all runs, sampling included) | {result.summary.get('total_wall_s', 0.0) / 60:.1f} |",
+        *(f"| {k} | {v / 60:.1f} |" for k, v in timings.items() if k != "convert (this invocation)"),
+        f"| total | {total / 60:.1f} |",
+        "",
+    ]
+    out = run_dir / "demo.md"
+    out.write_text("\n".join(lines))
+    print(f"\n[arwkv] demo report: {out}", flush=True)
+    return out
