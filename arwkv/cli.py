@@ -251,11 +251,12 @@ def _load_for_generation(spec: str, device: str):
     dev = resolve_device(device)
     path = Path(spec)
     if (path / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        import arwkv.models.arwkv  # noqa: F401  (Auto classes)
+        from arwkv.interop import load_any
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        # an arwkv student, a published rwkv_hybrid (ARWKV / RADLADS) checkpoint or any HF causal LM
+        model = load_any(path, dtype=torch.float32)
         tok = None
         if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             tok = AutoTokenizer.from_pretrained(path)

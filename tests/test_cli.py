@@ -10,7 +10,7 @@ import pytest
 
 from arwkv.cli import build_parser, main
 
-SUBCOMMANDS = ["convert", "align", "distill", "sft", "generate", "chat"]
+SUBCOMMANDS = ["convert", "align", "distill", "sft", "generate", "chat", "demo"]
 
 
 def test_top_level_help_runs_as_a_module():
@@ -81,6 +81,28 @@ def test_generate_streams_token_ids_from_a_saved_student(tmp_path, capsys):
     )
     ids = capsys.readouterr().out.split()
     assert len(ids) == 6 and all(i.isdigit() for i in ids)
+
+
+def test_generate_from_an_exported_rwkv_hybrid_checkpoint_matches_the_student(tmp_path, capsys):
+    """A published-format (rwkv_hybrid) folder generates through the same command, with the same tokens."""
+    import torch
+
+    from arwkv.interop import export_rwkv_hybrid
+
+    sys.path.insert(0, str(Path(__file__).parent / "interop"))
+    from test_rwkv_hybrid import _student  # a student in the format's layout (head 64, its LoRA ranks)
+
+    student = _student()
+    student.save_pretrained(tmp_path / "final")
+    export_rwkv_hybrid(student, tmp_path / "hybrid")
+    args = ["1 5 7", "--max-new-tokens", "6", "--temperature", "0"]
+    assert main(["generate", str(tmp_path / "final"), *args]) == 0
+    from_student = capsys.readouterr().out.split()
+    assert main(["generate", str(tmp_path / "hybrid"), *args]) == 0
+    assert capsys.readouterr().out.split() == from_student
+    with torch.no_grad():
+        ids = student.eval().generate(torch.tensor([[1, 5, 7]]), max_new_tokens=6, do_sample=False)
+    assert [int(t) for t in from_student] == ids[0, 3:].tolist()
 
 
 def test_chat_needs_a_chat_template(tmp_path, capsys):
