@@ -119,7 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
         "name, or swa:<teacher> for the training-free sliding-window + sinks baseline; NAME=MODEL labels it.",
     )
     p.add_argument("models", nargs="+", metavar="[NAME=]MODEL")
-    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all six + wikitext)")
+    p.add_argument(
+        "--tasks", default=None, help="comma-separated tasks (default: all six + wikitext); none: skip them"
+    )
+    p.add_argument(
+        "--passkey",
+        default=None,
+        metavar="LENGTHS",
+        help="also run long context: passkey retrieval at these lengths (e.g. 1024,4096,16384) and loss by "
+        "position; writes long_context.{md,json,png}",
+    )
     p.add_argument("--limit", type=int, default=None, help="examples per task")
     p.add_argument("--out", default="runs/eval", help="output folder")
     p.add_argument("--batch-size", type=int, default=8)
@@ -363,6 +372,26 @@ def cmd_eval(args) -> int:
         names.append(name if labelled else None)
         specs.append(spec if labelled else item)
     tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks else DEFAULT_TASKS
+    if args.passkey:
+        from arwkv.eval.harness import run_long_context_eval
+
+        try:
+            lengths = tuple(int(n) for n in args.passkey.split(","))
+        except ValueError:
+            raise ArwkvError(f"--passkey takes comma-separated token counts, got {args.passkey!r}") from None
+        run_long_context_eval(
+            specs,
+            args.out,
+            names=names if all(names) else None,
+            lengths=lengths,
+            context_length=max(lengths),
+            max_windows=2,
+            swa_window=args.swa_window,
+            swa_sinks=args.swa_sinks,
+        )
+        print(f"long context: {Path(args.out) / 'long_context.md'}")
+    if tasks == ("none",):
+        return 0
     run_eval(
         specs,
         tasks,

@@ -49,3 +49,18 @@ def test_data_dir_default_and_override(monkeypatch, tmp_path):
     assert default_data_dir().parts[-2:] == ("shared", "eval")
     monkeypatch.setenv("ARWKV_EVAL_DIR", str(tmp_path))
     assert default_data_dir() == tmp_path
+
+
+def test_cli_eval_runs_passkey_alone(model_dir, tmp_path, capsys):
+    from arwkv.cli import main
+
+    out = tmp_path / "lc"
+    code = main(["eval", f"t={model_dir}", f"w=swa:{model_dir}", "--tasks", "none", "--passkey", "128,256",
+                 "--out", str(out)])
+    assert code == 0
+    table = (out / "long_context.md").read_text()
+    assert "passkey@128" in table and "passkey@256" in table and "| w |" in table
+    data = json.loads((out / "long_context.json").read_text())
+    assert set(data) == {"t", "w"} and not (out / "eval.md").exists()
+    assert main(["eval", str(model_dir), "--passkey", "1k", "--out", str(out)]) == 2
+    assert "--passkey" in capsys.readouterr().err
