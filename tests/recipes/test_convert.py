@@ -156,27 +156,6 @@ def test_data_files_need_a_tokenizer(shared, tmp_path, capsys):
     assert "tokenizer" in capsys.readouterr().err
 
 
-@pytest.fixture
-def qwen_tok_teacher(shared, tmp_path) -> Path:
-    """A tiny random Llama saved with the real Qwen2 tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(shared / "assets/qwen2-tokenizer")
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-    )
-    folder = tmp_path / "teacher"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("content", [b"", b"\x00\xff\xfe garbage \x00"])
 def test_empty_or_unreadable_data_file(qwen_tok_teacher, tmp_path, content, capsys):
     f = tmp_path / "data.jsonl"

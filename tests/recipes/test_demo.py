@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,28 +13,7 @@ from arwkv.recipes.demo import chat_reply
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def chat_teacher(shared, tmp_path) -> Path:
-    """A tiny random Llama saved with the real Qwen2 tokenizer (which has a chat template)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(shared / "assets/qwen2-tokenizer")
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-    )
-    folder = tmp_path / "teacher"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def test_demo_converts_evaluates_and_both_models_answer(chat_teacher, tmp_path, capsys, monkeypatch):
+def test_demo_converts_evaluates_and_both_models_answer(qwen_tok_teacher, tmp_path, capsys, monkeypatch):
     import arwkv.recipes.demo as demo
 
     # small sets and contexts for the tiny teacher; the CLI path is otherwise the one `make demo` runs
@@ -49,7 +27,7 @@ def test_demo_converts_evaluates_and_both_models_answer(chat_teacher, tmp_path, 
     code = main(
         [
             "demo",
-            f"teacher.path={chat_teacher}",
+            f"teacher.path={qwen_tok_teacher}",
             f"out_dir={run}",
             "threads=1",
             "data.data_free.num_sequences=8",
@@ -79,7 +57,7 @@ def test_demo_converts_evaluates_and_both_models_answer(chat_teacher, tmp_path, 
         assert per_task["arc_easy"]["acc"]["n"] == 3 and per_task["wikitext"]["perplexity"]["value"] > 1
     assert (run / "eval" / "long_context.png").is_file() and "passkey@256" in report
     # the answers in the report are the models' own greedy replies
-    models = load_models([str(chat_teacher), str(run / "final")], names=["teacher", "student"])
+    models = load_models([str(qwen_tok_teacher), str(run / "final")], names=["teacher", "student"])
     for name, (model, tok) in models.items():
         reply = chat_reply(model, tok, "Name a colour.", max_new_tokens=8)
         assert f"**{name}**:\n\n```text\n{reply or '(empty)'}\n```" in report
