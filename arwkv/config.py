@@ -373,12 +373,28 @@ def validate(cfg: RecipeConfig) -> None:
                 f"{stage}.freeze: unknown group(s) {sorted(bad)}; "
                 "choose from embeddings, mlp, norms, lm_head, mixers"
             )
+    _check_mixer_options(cfg.student.mixer)
     if cfg.align.loss not in ("mse", "l2"):
         raise ConfigError(f"align.loss must be mse or l2 (got {cfg.align.loss})")
     if cfg.distill.loss not in ("kl",):
         raise ConfigError(f"distill.loss must be kl (got {cfg.distill.loss}); add CE with distill.ce_weight")
     if cfg.sft.loss != "ce":
         raise ConfigError(f"sft.loss must be ce (got {cfg.sft.loss})")
+
+
+def _check_mixer_options(options: dict[str, Any]) -> None:
+    """student.mixer keys are ArwkvConfig arguments: a misspelt one would otherwise be stored and ignored."""
+    import inspect
+
+    from arwkv.models.arwkv.configuration_arwkv import ArwkvConfig
+
+    known = [
+        k for k in inspect.signature(ArwkvConfig.__init__).parameters
+        if k not in ("self", "teacher_config", "use_cache", "kwargs")
+    ]
+    for key in options:
+        if key not in known:
+            raise _unknown(f"student.mixer.{key}", [f"student.mixer.{k}" for k in known], " (mixer options)")
 
 
 def load_recipe(

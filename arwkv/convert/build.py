@@ -4,7 +4,9 @@ copied bit-exactly; the new mixers start from the teacher's q/k/v/o ("copy", RAD
 
 Copy init choices (calibration-stories260k.md pitfalls 1-2):
 - q -> receptance, k -> key, v -> value (each KV head repeated for its query heads under GQA), o -> output,
-  biases kept (Qwen2 q/k/v, Llama attention_bias);
+  biases kept (Qwen2 q/k/v, Llama attention_bias); with `mixer_expand` = e the teacher's heads are repeated
+  e times and o is divided by e, so the copies sum to one teacher output (their decays differ, which breaks
+  the symmetry);
 - Qwen3's q_norm / k_norm are carried over as the mixer's `r_norm` / `k_norm` (per teacher head, before the
   optional RoPE), not folded: a normalization cannot be folded into a linear map;
 - token-shift mixes mu = 0 (the copied projections see the current token, as in the teacher);
@@ -51,11 +53,21 @@ def copy_attention_into_mixer(attn: torch.nn.Module, mixer: ArwkvTimeMix, teache
     """Copy init of one mixer from the teacher's attention module (see the module docstring)."""
     kv_heads = teacher_config.num_key_value_heads or teacher_config.num_attention_heads
     groups = teacher_config.num_attention_heads // kv_heads
+    e = mixer.dim // (teacher_config.num_attention_heads * mixer.teacher_head_dim)  # mixer_expand
+
+    def heads(t: torch.Tensor | None, per_kv_head: bool = False) -> torch.Tensor | None:
+        """Teacher rows [D_t, ...] -> mixer rows [e * D_t, ...] (KV rows repeated per query head first)."""
+        if t is None:
+            return None
+        if per_kv_head:
+            t = _repeat_kv_rows(t, kv_heads, groups)
+        return t.repeat(e, *([1] * (t.dim() - 1)))
+
     pairs = [
-        (mixer.receptance, attn.q_proj.weight, attn.q_proj.bias),
-        (mixer.key, _repeat_kv_rows(attn.k_proj.weight, kv_heads, groups), attn.k_proj.bias),
-        (mixer.value, _repeat_kv_rows(attn.v_proj.weight, kv_heads, groups), attn.v_proj.bias),
-        (mixer.output, attn.o_proj.weight, attn.o_proj.bias),
+        (mixer.receptance, heads(attn.q_proj.weight), heads(attn.q_proj.bias)),
+        (mixer.key, heads(attn.k_proj.weight, True), heads(attn.k_proj.bias, True)),
+        (mixer.value, heads(attn.v_proj.weight, True), heads(attn.v_proj.bias, True)),
+        (mixer.output, attn.o_proj.weight.repeat(1, e) / e, attn.o_proj.bias),
     ]
     for linear, weight, bias in pairs:
         if linear.weight.shape != weight.shape:
@@ -66,8 +78,6 @@ def copy_attention_into_mixer(attn: torch.nn.Module, mixer: ArwkvTimeMix, teache
         if (bias is None) != (linear.bias is None):
             raise ValueError("copy init: teacher and mixer disagree on biases (set rkv_bias/output_bias).")
         if bias is not None:
-            if bias.numel() != linear.bias.numel():  # k/v biases are per KV head too
-                bias = _repeat_kv_rows(bias, kv_heads, groups)
             linear.bias.copy_(bias)
     if mixer.r_norm is not None:
         if getattr(attn, "q_norm", None) is None:
@@ -92,8 +102,9 @@ def build_student(
 ) -> ArwkvForCausalLM:
     """An `ArwkvForCausalLM` built from `teacher` (a supported HF causal LM).
 
-    options: any `ArwkvConfig` mixer option (head_size, use_gate, use_group_norm, use_token_shift, use_rope,
-    use_qk_norm, rkv_bias, output_bias, lora_ranks, softmax_layers, wkv_backend, wkv_chunk_size).
+    options: any `ArwkvConfig` mixer option (head_size, mixer_expand, use_gate, use_group_norm,
+    use_token_shift, use_rope, use_qk_norm, rkv_bias, output_bias, lora_ranks, softmax_layers, wkv_backend,
+    wkv_chunk_size).
     Tied embeddings stay tied unless `untie_embeddings`. The student gets the teacher's dtype, device and
     train/eval mode.
     """

@@ -84,9 +84,12 @@ def build_student_for(cfg: RecipeConfig, teacher: nn.Module) -> nn.Module:
     options = dict(cfg.student.mixer)
     if cfg.student.softmax_layers:
         options["softmax_layers"] = list(cfg.student.softmax_layers)
-    student = build_student(
-        teacher, init=cfg.student.init, untie_embeddings=cfg.student.untie_embeddings, **options
-    )
+    try:
+        student = build_student(
+            teacher, init=cfg.student.init, untie_embeddings=cfg.student.untie_embeddings, **options
+        )
+    except ValueError as e:  # a mixer option that does not fit this teacher (e.g. head_size vs width)
+        raise ConfigError(f"student.mixer {options}: {e}") from e
     return student.float().train()
 
 

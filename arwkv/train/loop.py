@@ -195,8 +195,11 @@ def train(
         raise ConfigError(f"{desc}: nothing to train (every parameter is frozen)")
     params = [p for g in param_groups for p in g["params"]]
     bases = [g["lr"] for g in param_groups]  # before the scheduler rewrites group["lr"] to the warmup value
+    # the fused kernel: one pass over all tensors (on a small CPU student the per-tensor loop of the default
+    # implementation was ~7% of a distillation step)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     optimizer = torch.optim.AdamW(
-        param_groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        param_groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused
     )
     scheduler = make_scheduler(optimizer, n_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.schedule)
 

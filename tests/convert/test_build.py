@@ -86,6 +86,36 @@ def test_copy_init_maps_attention_into_mixer(family):
         torch.testing.assert_close(torch.sigmoid(x @ mix.g1) @ mix.g2, torch.ones(5, mix.dim))  # gate ≡ 1
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # GQA, q/k/v biases, q/k norms
+def test_mixer_expand_copies_are_one_teacher_mixer(family):
+    """mixer_expand=2 repeats the teacher's heads and halves o: with the per-channel RWKV parameters of the
+    second copy set equal to the first's, the student computes exactly what the unexpanded one does."""
+    teacher = tiny_teacher(family, attention_bias=True) if family == "llama" else tiny_teacher(family)
+    torch.manual_seed(0)
+    plain = build_student(teacher, init="copy", use_rope=True)
+    torch.manual_seed(0)
+    wide = build_student(teacher, init="copy", use_rope=True, mixer_expand=2)
+    for i in range(teacher.config.num_hidden_layers):
+        one, two = plain.model.layers[i].self_attn, wide.model.layers[i].self_attn
+        assert two.dim == 2 * one.dim and two.num_heads == 2 * one.num_heads
+        with torch.no_grad():
+            for name, p in one.named_parameters():
+                q = two.get_parameter(name)
+                if name.startswith(("receptance", "key", "value", "output")):
+                    continue  # the copy init under test
+                if q.shape == p.shape:
+                    q.copy_(p)
+                else:  # per-channel (last dim D) or per-head (first dim H) tensors: tile the first copy
+                    axis = -1 if q.shape[-1] == 2 * p.shape[-1] else 0
+                    q.copy_(torch.cat([p, p], dim=axis))
+        torch.testing.assert_close(two.output.weight, torch.cat([one.output.weight] * 2, dim=1) / 2)
+    ids = ids_for(2, 11)
+    torch.testing.assert_close(wide(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
+    fresh = build_student(teacher, init="copy", mixer_expand=2).model.layers[0].self_attn
+    d = fresh.dim // 2  # as built, the two copies decay at different rates: training can separate them
+    assert not torch.allclose(fresh.w0[..., :d], fresh.w0[..., d:])
+
+
 def test_copy_init_keeps_llama_attention_biases():
     teacher = tiny_teacher("llama", attention_bias=True, mlp_bias=True)
     student = build_student(teacher)

@@ -58,6 +58,7 @@ def test_section_defaults_survive_partial_yaml(tmp_path):
         ("distill.lrr=1", "distill.lr"),
         ("alig.lr=1", "align.lr"),
         ("teacher.pth=x", "teacher.path"),
+        ("student.mixer.head_sise=64", "student.mixer.head_size"),  # free-form section, checked too
     ],
 )
 def test_unknown_key_names_close_matches(override, match):

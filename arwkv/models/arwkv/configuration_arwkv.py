@@ -36,6 +36,8 @@ class ArwkvConfig(PreTrainedConfig):
     Args:
         teacher_config: the teacher's `config.to_dict()` (must contain `model_type`).
         head_size: RWKV head size N; default the teacher's head_dim.
+        mixer_expand: r/k/v width as a multiple of the teacher's attention width (more WKV heads, more state
+            per layer; copy init repeats the teacher's heads). 1 = the published RWKV-7/ARWKV layout.
         use_gate: low-rank output gate `g = sigmoid(x_g g1) g2`.
         use_group_norm: per-head GroupNorm `ln_x` (eps 1e-5 * N) on the WKV output.
         use_token_shift: mix each token with the previous one (`x_r ... x_g`); off = mu fixed at 0.
@@ -55,6 +57,7 @@ class ArwkvConfig(PreTrainedConfig):
         self,
         teacher_config: dict[str, Any] | None = None,
         head_size: int | None = None,
+        mixer_expand: int = 1,
         use_gate: bool = True,
         use_group_norm: bool = True,
         use_token_shift: bool = True,
@@ -78,6 +81,7 @@ class ArwkvConfig(PreTrainedConfig):
             if key not in kwargs and key in teacher_config:
                 kwargs[key] = teacher_config[key]
         self.head_size = head_size
+        self.mixer_expand = int(mixer_expand)
         self.use_gate = use_gate
         self.use_group_norm = use_group_norm
         self.use_token_shift = use_token_shift
@@ -109,6 +113,8 @@ class ArwkvConfig(PreTrainedConfig):
             raise ValueError(f"softmax_layers {bad} are outside the teacher's {n} layers.")
         if not 1 <= self.wkv_chunk_size <= 64:  # the chunked kernel's fp32 bound for RWKV-7's clamped decay
             raise ValueError(f"wkv_chunk_size must be in 1..64, got {self.wkv_chunk_size}.")
+        if self.mixer_expand < 1:
+            raise ValueError(f"mixer_expand must be a positive integer, got {self.mixer_expand}.")
         dim = self.mixer_dim
         if dim % self.wkv_head_size != 0:
             raise ValueError(f"head_size {self.wkv_head_size} must divide the mixer width {dim}.")
@@ -120,8 +126,9 @@ class ArwkvConfig(PreTrainedConfig):
 
     @property
     def mixer_dim(self) -> int:
-        """Width D of r/k/v in a mixer: the teacher's num_attention_heads * head_dim (mostly hidden_size)."""
-        return self.teacher_config["num_attention_heads"] * self.teacher_head_dim
+        """Width D of r/k/v in a mixer: mixer_expand x the teacher's num_attention_heads * head_dim (mostly
+        hidden_size)."""
+        return self.mixer_expand * self.teacher_config["num_attention_heads"] * self.teacher_head_dim
 
     @property
     def wkv_head_size(self) -> int:
