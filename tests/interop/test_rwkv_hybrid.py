@@ -212,10 +212,18 @@ def test_export_names_everything_that_does_not_fit(tmp_path: Path) -> None:
         rkv_bias=True,
         use_rope=True,
         softmax_layers=[0],
+        mixer_expand=2,
     )
     problems = export_problems(student)
     text = "; ".join(problems)
-    for needle in ("head size 32", "biases on receptance", "RoPE on r/k", "LoRA ranks", "layer 0 is softmax"):
+    for needle in (
+        "head size 32",
+        "biases on receptance",
+        "RoPE on r/k",
+        "LoRA ranks",
+        "layer 0 is softmax",
+        "mixer width 256",  # mixer_expand 2
+    ):
         assert needle in text, needle
     with pytest.raises(CheckpointError, match="does not fit the rwkv_hybrid format") as e:
         export_rwkv_hybrid(student, tmp_path)
