@@ -19,6 +19,7 @@ setup: $(BIN)/arwkv
 
 test: setup
 	$(BIN)/ruff check arwkv tests benchmarks tools
+	$(BIN)/ruff format --check arwkv tests benchmarks tools
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
@@ -26,6 +27,7 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check arwkv tests benchmarks tools
+	$(BIN)/ruff format --check arwkv tests benchmarks tools
 
 demo: setup
 	$(BIN)/arwkv demo

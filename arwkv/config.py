@@ -389,7 +389,8 @@ def _check_mixer_options(options: dict[str, Any]) -> None:
     from arwkv.models.arwkv.configuration_arwkv import ArwkvConfig
 
     known = [
-        k for k in inspect.signature(ArwkvConfig.__init__).parameters
+        k
+        for k in inspect.signature(ArwkvConfig.__init__).parameters
         if k not in ("self", "teacher_config", "use_cache", "kwargs")
     ]
     for key in options:

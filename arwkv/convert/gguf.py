@@ -68,8 +68,10 @@ def _resolve_gguf(path_or_dir: str | Path | None, gguf_file: str | None) -> Path
 
 def _require_gguf_package() -> None:
     if importlib.util.find_spec("gguf") is None:
-        raise CheckpointError("loading a .gguf teacher needs the `gguf` package: `pip install gguf` "
-                              "(or `pip install arwkv[gguf]`)")
+        raise CheckpointError(
+            "loading a .gguf teacher needs the `gguf` package: `pip install gguf` "
+            "(or `pip install arwkv[gguf]`)"
+        )
 
 
 def _cache_key(file: Path, dtype: torch.dtype) -> str:
@@ -106,8 +108,11 @@ def _write_cache(folder: Path, model: PreTrainedModel, tokenizer, source: Path) 
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (folder / "config.json").is_file():  # else a concurrent writer won the rename: fine
-            warnings.warn(f"could not cache the de-quantized teacher in {folder}: {e}; it works, but the "
-                          "next load converts the GGUF again", stacklevel=3)
+            warnings.warn(
+                f"could not cache the de-quantized teacher in {folder}: {e}; it works, but the "
+                "next load converts the GGUF again",
+                stacklevel=3,
+            )
 
 
 def load_gguf_teacher(

@@ -45,8 +45,16 @@ def read_llama2c_header(path: str | Path) -> dict[str, int | bool]:
             "re-export it with llama2.c's `export.py --version 0`"
         )
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack("<7i", raw)
-    hp = dict(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-              vocab_size=abs(vocab), seq_len=seq_len, shared_classifier=vocab > 0)
+    hp = dict(
+        dim=dim,
+        hidden_dim=hidden,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        vocab_size=abs(vocab),
+        seq_len=seq_len,
+        shared_classifier=vocab > 0,
+    )
     ok = min(dim, hidden, n_layers, n_heads, n_kv_heads, abs(vocab), seq_len) > 0
     if not ok or dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
         raise CheckpointError(f"{path} does not look like a llama2.c checkpoint: implausible header {hp}")
@@ -59,9 +67,18 @@ def _tensor_shapes(hp: dict) -> list[tuple[str, tuple[int, ...]]]:
     hd = d // hp["n_heads"]
     kv = hp["n_kv_heads"] * hd
     shapes = [
-        ("tok_embeddings", (V, d)), ("attention_norm", (L, d)), ("wq", (L, d, d)), ("wk", (L, kv, d)),
-        ("wv", (L, kv, d)), ("wo", (L, d, d)), ("ffn_norm", (L, d)), ("w1", (L, h, d)), ("w2", (L, d, h)),
-        ("w3", (L, h, d)), ("norm", (d,)), ("freq_cis_real", (hp["seq_len"], hd // 2)),
+        ("tok_embeddings", (V, d)),
+        ("attention_norm", (L, d)),
+        ("wq", (L, d, d)),
+        ("wk", (L, kv, d)),
+        ("wv", (L, kv, d)),
+        ("wo", (L, d, d)),
+        ("ffn_norm", (L, d)),
+        ("w1", (L, h, d)),
+        ("w2", (L, d, h)),
+        ("w3", (L, h, d)),
+        ("norm", (d,)),
+        ("freq_cis_real", (hp["seq_len"], hd // 2)),
         ("freq_cis_imag", (hp["seq_len"], hd // 2)),
     ]
     if not hp["shared_classifier"]:
@@ -87,7 +104,7 @@ def read_llama2c(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     tensors, pos = {}, 0
     for name, shape in shapes:
         n = math.prod(shape)
-        tensors[name] = flat[pos:pos + n].view(shape)
+        tensors[name] = flat[pos : pos + n].view(shape)
         pos += n
     return hp, tensors
 
@@ -117,8 +134,9 @@ def rope_theta_from_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) 
     theta = float(torch.exp(-slope * head_dim / 2))
     pos = torch.arange(cos.shape[0], dtype=torch.float64)[:, None]
     angles = pos * theta ** (-2 * torch.arange(n_pairs, dtype=torch.float64) / head_dim)
-    err = max((angles.cos() - cos.double()).abs().max().item(),
-              (angles.sin() - sin.double()).abs().max().item())
+    err = max(
+        (angles.cos() - cos.double()).abs().max().item(), (angles.sin() - sin.double()).abs().max().item()
+    )
     if err > 1e-3:
         raise CheckpointError(
             f"the checkpoint's RoPE tables are not standard RoPE (best fit theta={theta:.1f} is off by "
@@ -141,13 +159,25 @@ def load_llama2c(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaF
     d, L, nh, nkv = hp["dim"], hp["n_layers"], hp["n_heads"], hp["n_kv_heads"]
     theta = rope_theta_from_tables(t["freq_cis_real"], t["freq_cis_imag"], d // nh)
     config = LlamaConfig(
-        vocab_size=hp["vocab_size"], hidden_size=d, intermediate_size=hp["hidden_dim"], num_hidden_layers=L,
-        num_attention_heads=nh, num_key_value_heads=nkv, max_position_embeddings=hp["seq_len"],
-        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": theta},
-        tie_word_embeddings=hp["shared_classifier"], bos_token_id=1, eos_token_id=2, pad_token_id=None,
+        vocab_size=hp["vocab_size"],
+        hidden_size=d,
+        intermediate_size=hp["hidden_dim"],
+        num_hidden_layers=L,
+        num_attention_heads=nh,
+        num_key_value_heads=nkv,
+        max_position_embeddings=hp["seq_len"],
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        tie_word_embeddings=hp["shared_classifier"],
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
     )
-    state = {"model.embed_tokens.weight": t["tok_embeddings"], "model.norm.weight": t["norm"],
-             "lm_head.weight": t["tok_embeddings"] if hp["shared_classifier"] else t["wcls"]}
+    state = {
+        "model.embed_tokens.weight": t["tok_embeddings"],
+        "model.norm.weight": t["norm"],
+        "lm_head.weight": t["tok_embeddings"] if hp["shared_classifier"] else t["wcls"],
+    }
     for i in range(L):
         p = f"model.layers.{i}."
         state |= {
@@ -171,4 +201,3 @@ def load_llama2c(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaF
     model.model.rotary_emb = LlamaRotaryEmbedding(config)
     model.name_or_path = str(path)
     return model.to(dtype).eval()
-

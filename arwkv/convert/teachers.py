@@ -14,8 +14,10 @@ from arwkv.errors import CheckpointError
 
 # Short names for teachers arwkv knows how to fetch without a path.
 NAMED_TEACHERS = {"smollm2-135m-instruct": lambda dtype: load_gguf_teacher(dtype=dtype)}
-ACCEPTED = ("a Hugging Face model folder (config.json + weights), a llama2.c .bin checkpoint, a .gguf file, "
-            "a Hub id such as Qwen/Qwen2.5-0.5B-Instruct, or one of the names " + ", ".join(NAMED_TEACHERS))
+ACCEPTED = (
+    "a Hugging Face model folder (config.json + weights), a llama2.c .bin checkpoint, a .gguf file, "
+    "a Hub id such as Qwen/Qwen2.5-0.5B-Instruct, or one of the names " + ", ".join(NAMED_TEACHERS)
+)
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -62,10 +64,13 @@ def load_teacher(spec: str | Path, *, dtype: torch.dtype = torch.float32) -> tup
         try:
             return _load_hf(name, dtype, has_tokenizer=True)
         except CheckpointError as e:
-            raise CheckpointError(f"teacher {name!r} is not a local file or folder, and loading it as a "
-                                  f"Hugging Face Hub id failed: {e.__cause__ or e}") from e
+            raise CheckpointError(
+                f"teacher {name!r} is not a local file or folder, and loading it as a "
+                f"Hugging Face Hub id failed: {e.__cause__ or e}"
+            ) from e
     check_teacher_spec(name)
     raise AssertionError("unreachable: check_teacher_spec accepts only existing or hub-id teachers")
+
 
 def _load_hf(where: str, dtype: torch.dtype, has_tokenizer: bool) -> tuple[PreTrainedModel, object]:
     try:

@@ -18,6 +18,14 @@ from arwkv.data.sources import Document, iter_documents
 from arwkv.data.teacher_corpus import TeacherCorpus
 
 __all__ = [
-    "Document", "PackedCorpus", "PackedLoader", "TeacherCorpus", "build_corpus", "check_tokenizer_vocab",
-    "iter_documents", "pack_documents", "packed_to_cu_seqlens", "render_chat",
+    "Document",
+    "PackedCorpus",
+    "PackedLoader",
+    "TeacherCorpus",
+    "build_corpus",
+    "check_tokenizer_vocab",
+    "iter_documents",
+    "pack_documents",
+    "packed_to_cu_seqlens",
+    "render_chat",
 ]

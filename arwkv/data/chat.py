@@ -60,8 +60,9 @@ def render_chat(
     if method == "auto":
         method = "generation" if has_generation_tags(tokenizer) else "search"
     if method == "generation":
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True, **template_kwargs)
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **template_kwargs
+        )
         return list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
     if method != "search":
         raise DataError(f"chat mask method must be 'auto', 'generation' or 'search', not {method!r}")
@@ -71,8 +72,9 @@ def render_chat(
 
 def _render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **kw: Any) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, **kw)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kw
+        )
     except Exception as e:  # jinja raises TemplateError / TypeError / IndexError for unexpected messages
         roles = [m.get("role") for m in messages]
         raise DataError(f"the chat template failed on a conversation with roles {roles}: {e}") from e
@@ -87,11 +89,12 @@ def _generation_prompt(tokenizer, history: list[dict[str, Any]], kw: dict[str, A
         asked = _render(tokenizer, history, add_generation_prompt=True, **kw)
     except DataError:
         return ""
-    return asked[len(plain):] if asked.startswith(plain) else ""
+    return asked[len(plain) :] if asked.startswith(plain) else ""
 
 
-def _assistant_spans(tokenizer, messages: list[dict[str, Any]], text: str,
-                     kw: dict[str, Any]) -> list[tuple[int, int]]:
+def _assistant_spans(
+    tokenizer, messages: list[dict[str, Any]], text: str, kw: dict[str, Any]
+) -> list[tuple[int, int]]:
     spans, cursor = [], 0
     for i, m in enumerate(messages):
         body = m["content"].strip()
@@ -115,7 +118,7 @@ def _assistant_spans(tokenizer, messages: list[dict[str, Any]], text: str,
         end = j + len(body)
         alone = _render(tokenizer, messages[: i + 1], **kw)  # the template's end-of-turn text
         k = alone.rfind(body)
-        eot = alone[k + len(body):].rstrip() if k >= 0 else ""
+        eot = alone[k + len(body) :].rstrip() if k >= 0 else ""
         if eot and text.startswith(eot, end):
             end += len(eot)
         spans.append((start, end))

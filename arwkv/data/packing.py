@@ -69,8 +69,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """Changes when the vocabulary, merges, normalization, special tokens or chat template change."""
     h = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None
-             else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(
+        backend.to_str().encode()
+        if backend is not None
+        else json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    )
     h.update(json.dumps([str(getattr(tokenizer, "chat_template", "")), tokenizer.all_special_ids]).encode())
     return h.hexdigest()
 
@@ -93,8 +96,11 @@ def check_tokenizer_vocab(tokenizer, teacher) -> None:
     if n > vocab or vocab - n > slack:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         tname = getattr(getattr(teacher, "config", teacher), "_name_or_path", "") or "the teacher"
-        why = (f"ids up to {n - 1} would index past its embedding" if n > vocab
-               else f"{vocab - n} embedding rows would never be used")
+        why = (
+            f"ids up to {n - 1} would index past its embedding"
+            if n > vocab
+            else f"{vocab - n} embedding rows would never be used"
+        )
         raise DataError(
             f"tokenizer {name!r} ({n} tokens) does not match teacher {tname!r} (vocabulary {vocab}): {why}. "
             "Use the tokenizer saved with the teacher (teacher.tokenizer in the recipe must name the same "
@@ -172,8 +178,10 @@ class _RowSink:
 def _open_arrays(folder: Path, n: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     if n == 0:
         return np.zeros((0, seq_len), np.int32), np.zeros((0, seq_len), np.uint8)
-    return (np.memmap(folder / "tokens.bin", dtype="<i4", mode="r", shape=(n, seq_len)),
-            np.memmap(folder / "flags.bin", dtype=np.uint8, mode="r", shape=(n, seq_len)))
+    return (
+        np.memmap(folder / "tokens.bin", dtype="<i4", mode="r", shape=(n, seq_len)),
+        np.memmap(folder / "flags.bin", dtype=np.uint8, mode="r", shape=(n, seq_len)),
+    )
 
 
 class _Packer:
@@ -198,8 +206,8 @@ class _Packer:
                 self.emit()
             take = min(self.T - self.fill, n - pos)
             seg = slice(self.fill, self.fill + take)
-            self.tokens[seg] = doc.ids[pos:pos + take]
-            self.flags[seg] = ATTN | (mask[pos:pos + take] * LOSS)
+            self.tokens[seg] = doc.ids[pos : pos + take]
+            self.flags[seg] = ATTN | (mask[pos : pos + take] * LOSS)
             self.flags[self.fill] = ATTN | START  # a segment's first token is never a target
             self.fill += take
             pos += take
@@ -208,16 +216,21 @@ class _Packer:
         if self.fill == 0:
             return
         if self.fill < self.T:  # padding tail: its own segment, not attended, not a target
-            self.tokens[self.fill:] = self.pad_id
-            self.flags[self.fill:] = 0
+            self.tokens[self.fill :] = self.pad_id
+            self.flags[self.fill :] = 0
             self.flags[self.fill] = START
         self.sink.append(self.tokens, self.flags)
         self.fill = 0
 
 
 def pack_documents(
-    docs: Iterable[TokenDoc], seq_len: int, *, pad_id: int = 0, folder: str | Path | None = None,
-    fingerprint: str = "", progress: bool = False,
+    docs: Iterable[TokenDoc],
+    seq_len: int,
+    *,
+    pad_id: int = 0,
+    folder: str | Path | None = None,
+    fingerprint: str = "",
+    progress: bool = False,
 ) -> PackedCorpus:
     """Pack token documents into rows of `seq_len` (module docstring); `folder` keeps them on disk."""
     if seq_len < 2:
@@ -234,9 +247,15 @@ def pack_documents(
     packer.emit()
     bar.close()
     tokens, flags = sink.close()
-    meta = {"format": FORMAT_VERSION, "seq_len": seq_len, "num_rows": sink.n, "num_documents": n_docs,
-            "num_tokens": n_tokens, "pad_id": pad_id,
-            "fingerprint": fingerprint or _array_hash(tokens, flags)}
+    meta = {
+        "format": FORMAT_VERSION,
+        "seq_len": seq_len,
+        "num_rows": sink.n,
+        "num_documents": n_docs,
+        "num_tokens": n_tokens,
+        "pad_id": pad_id,
+        "fingerprint": fingerprint or _array_hash(tokens, flags),
+    }
     if folder is not None:
         (Path(folder) / "meta.json").write_text(json.dumps(meta, indent=1))
     return PackedCorpus(tokens, flags, meta)
@@ -256,8 +275,9 @@ def _array_hash(*arrays: np.ndarray) -> str:
 class PackedCorpus:
     """Packed rows `[N, T]` (optionally a subset view `rows`); `batch(idx)` builds training tensors."""
 
-    def __init__(self, tokens: np.ndarray, flags: np.ndarray, meta: dict[str, Any],
-                 rows: np.ndarray | None = None):
+    def __init__(
+        self, tokens: np.ndarray, flags: np.ndarray, meta: dict[str, Any], rows: np.ndarray | None = None
+    ):
         self.tokens, self.flags, self.meta, self.rows = tokens, flags, meta, rows
 
     @property
@@ -300,8 +320,10 @@ class PackedCorpus:
         pick = np.random.Generator(np.random.PCG64([seed, 7])).permutation(n)
         held = np.sort(base[pick[:heldout_rows]])
         train = np.sort(base[pick[heldout_rows:]])
-        return (PackedCorpus(self.tokens, self.flags, self.meta, train),
-                PackedCorpus(self.tokens, self.flags, self.meta, held))
+        return (
+            PackedCorpus(self.tokens, self.flags, self.meta, train),
+            PackedCorpus(self.tokens, self.flags, self.meta, held),
+        )
 
     @classmethod
     def load(cls, folder: str | Path) -> PackedCorpus:
@@ -315,16 +337,24 @@ class PackedCorpus:
         return cls(*_open_arrays(folder, meta["num_rows"], meta["seq_len"]), meta)
 
     @classmethod
-    def from_sequences(cls, ids: Tensor | np.ndarray, seq_len: int | None = None, *,
-                       lengths: Iterable[int] | None = None, loss_mask: Tensor | np.ndarray | None = None,
-                       whole: bool = False, pad_id: int = 0) -> PackedCorpus:
+    def from_sequences(
+        cls,
+        ids: Tensor | np.ndarray,
+        seq_len: int | None = None,
+        *,
+        lengths: Iterable[int] | None = None,
+        loss_mask: Tensor | np.ndarray | None = None,
+        whole: bool = False,
+        pad_id: int = 0,
+    ) -> PackedCorpus:
         """Each row of `ids` [N, L] (first `lengths[i]` tokens when given) is one document; packed to
         `seq_len` (default L), so with seq_len == L every sequence is exactly one row."""
         ids = np.asarray(ids)
         mask = None if loss_mask is None else np.asarray(loss_mask).astype(np.uint8)
         lens = [ids.shape[1]] * len(ids) if lengths is None else [int(n) for n in lengths]
-        docs = (TokenDoc(ids[i, :n], None if mask is None else mask[i, :n], whole)
-                for i, n in enumerate(lens))
+        docs = (
+            TokenDoc(ids[i, :n], None if mask is None else mask[i, :n], whole) for i, n in enumerate(lens)
+        )
         fp = _array_hash(ids, np.asarray(lens), *([] if mask is None else [mask]))
         return pack_documents(docs, seq_len or ids.shape[1], pad_id=pad_id, fingerprint=fp)
 
@@ -383,21 +413,35 @@ def build_corpus(
     if teacher is not None:
         check_tokenizer_vocab(tokenizer, teacher)
     paths = resolve_sources(sources)
-    settings = [FORMAT_VERSION, seq_len, text_split, text_field, split, add_eos, chat_method,
-                sorted((template_kwargs or {}).items())]
-    key = hashlib.sha256(json.dumps([sources_fingerprint(paths), tokenizer_fingerprint(tokenizer),
-                                     repr(settings)]).encode()).hexdigest()
+    settings = [
+        FORMAT_VERSION,
+        seq_len,
+        text_split,
+        text_field,
+        split,
+        add_eos,
+        chat_method,
+        sorted((template_kwargs or {}).items()),
+    ]
+    key = hashlib.sha256(
+        json.dumps([sources_fingerprint(paths), tokenizer_fingerprint(tokenizer), repr(settings)]).encode()
+    ).hexdigest()
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     raw = iter_documents(paths, text_split=text_split, text_field=text_field, split=split)
-    docs = tokenize_documents(raw, tokenizer, add_eos=add_eos, chat_method=chat_method,
-                              template_kwargs=template_kwargs)
+    docs = tokenize_documents(
+        raw, tokenizer, add_eos=add_eos, chat_method=chat_method, template_kwargs=template_kwargs
+    )
     if cache_dir is None:
         corpus = pack_documents(docs, seq_len, pad_id=pad_id, fingerprint=key, progress=progress)
     else:
         folder = Path(cache_dir) / f"packed-{key[:20]}"
         if not (folder / "meta.json").is_file():
-            _build_atomically(folder, lambda tmp: pack_documents(docs, seq_len, pad_id=pad_id, folder=tmp,
-                                                                 fingerprint=key, progress=progress))
+            _build_atomically(
+                folder,
+                lambda tmp: pack_documents(
+                    docs, seq_len, pad_id=pad_id, folder=tmp, fingerprint=key, progress=progress
+                ),
+            )
         corpus = PackedCorpus.load(folder)
     if len(corpus) == 0:
         raise DataError(f"no tokens in {', '.join(map(str, paths))}")
@@ -426,8 +470,17 @@ def _build_atomically(folder: Path, build) -> None:
 class PackedLoader:
     """Endless (or `epochs`-long) iterator over this rank's micro-batches; see the module docstring."""
 
-    def __init__(self, corpus: PackedCorpus, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, epochs: int | None = None):
+    def __init__(
+        self,
+        corpus: PackedCorpus,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        epochs: int | None = None,
+    ):
         if len(corpus) == 0:
             raise DataError("the packed corpus is empty: nothing to iterate")
         if not 0 <= rank < world_size:
@@ -475,8 +528,13 @@ class PackedLoader:
         return -(-self.epochs * len(self.corpus) // (self.batch_size * self.world_size))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed": self.consumed, "seed": self.seed, "shuffle": self.shuffle,
-                "num_rows": len(self.corpus), "fingerprint": self.corpus.fingerprint}
+        return {
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_rows": len(self.corpus),
+            "fingerprint": self.corpus.fingerprint,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("seed", "shuffle", "num_rows", "fingerprint"):

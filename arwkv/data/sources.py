@@ -34,8 +34,14 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 HF_DATASET_MARKERS = ("dataset_dict.json", "state.json")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "tool": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
 TextSplit = Literal["auto", "paragraph", "line"]
 
 
@@ -87,8 +93,10 @@ def resolve_sources(spec: str | Path | Iterable[str | Path]) -> list[Path]:
         elif path.is_dir():
             hits = list(_walk(path))
             if not hits:
-                raise DataError(f"folder {path} holds no data files (supported: {_suffix_list()}, "
-                                "or a folder written by datasets' save_to_disk)")
+                raise DataError(
+                    f"folder {path} holds no data files (supported: {_suffix_list()}, "
+                    "or a folder written by datasets' save_to_disk)"
+                )
             found += hits
         elif path.is_file():
             if not _supported(path):
@@ -128,12 +136,19 @@ def iter_documents(
     ...     print(doc.text or doc.messages)
     """
     for path in resolve_sources(spec):
-        yield from iter_file(path, text_split=text_split, text_field=text_field, split=split,
-                             max_chars=max_chars)
+        yield from iter_file(
+            path, text_split=text_split, text_field=text_field, split=split, max_chars=max_chars
+        )
 
 
-def iter_file(path: Path, *, text_split: TextSplit = "auto", text_field: str = "text", split: str = "train",
-              max_chars: int = 1 << 20) -> Iterator[Document]:
+def iter_file(
+    path: Path,
+    *,
+    text_split: TextSplit = "auto",
+    text_field: str = "text",
+    split: str = "train",
+    max_chars: int = 1 << 20,
+) -> Iterator[Document]:
     """Documents of one source; raises `DataError` naming the file when it is empty or unreadable."""
     if is_hf_dataset_dir(path):
         reader = _iter_hf_dataset(path, text_field, split)
@@ -151,8 +166,9 @@ def iter_file(path: Path, *, text_split: TextSplit = "auto", text_field: str = "
             n += 1
             yield doc
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not valid UTF-8 text ({e.reason}); convert it to UTF-8 or remove it "
-                        "from the data") from e
+        raise DataError(
+            f"{path} is not valid UTF-8 text ({e.reason}); convert it to UTF-8 or remove it from the data"
+        ) from e
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from e
     if n == 0:
@@ -201,8 +217,9 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[Document]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line must be one object"
-                                ) from e
+                raise DataError(
+                    f"{path}:{lineno} is not valid JSON ({e.msg}); each line must be one object"
+                ) from e
             doc = row_to_document(row, text_field, f"{path}:{lineno}")
             if doc is not None:
                 yield doc
@@ -211,8 +228,9 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[Document]:
 def row_to_document(row: Any, text_field: str, origin: str) -> Document | None:
     """A record with `messages` (or ShareGPT `conversations`) or a text field; None for an empty text."""
     if not isinstance(row, dict):
-        raise DataError(f"{origin}: expected a JSON object with {text_field!r} or 'messages', got "
-                        f"{type(row).__name__}")
+        raise DataError(
+            f"{origin}: expected a JSON object with {text_field!r} or 'messages', got {type(row).__name__}"
+        )
     if row.get("messages") is not None:
         return Document(messages=check_messages(row["messages"], origin), origin=origin)
     if row.get("conversations") is not None:
@@ -222,14 +240,21 @@ def row_to_document(row: Any, text_field: str, origin: str) -> Document | None:
         if not isinstance(text, str):
             raise DataError(f"{origin}: field {text_field!r} must be a string, got {type(text).__name__}")
         return Document(text=text, origin=origin) if text.strip() else None
-    raise DataError(f"{origin}: record has neither {text_field!r} nor 'messages' (keys: {sorted(row)}); "
-                    "set text_field to the column that holds the text")
+    raise DataError(
+        f"{origin}: record has neither {text_field!r} nor 'messages' (keys: {sorted(row)}); "
+        "set text_field to the column that holds the text"
+    )
 
 
 def check_messages(messages: Any, origin: str) -> list[dict[str, Any]]:
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages)
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    )
     if not ok:
         raise DataError(f"{origin}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
     return [dict(m) for m in messages]
@@ -241,8 +266,9 @@ def _from_sharegpt(turns: Any, origin: str) -> list[dict[str, Any]]:
     out = []
     for t in turns:
         if t["from"] not in SHAREGPT_ROLES:
-            raise DataError(f"{origin}: unknown ShareGPT speaker {t['from']!r} "
-                            f"(known: {sorted(SHAREGPT_ROLES)})")
+            raise DataError(
+                f"{origin}: unknown ShareGPT speaker {t['from']!r} (known: {sorted(SHAREGPT_ROLES)})"
+            )
         out.append({"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value", "")})
     return check_messages(out, origin)
 
@@ -251,8 +277,10 @@ def _pick_column(columns: list[str], text_field: str, where: str) -> str:
     for c in ("messages", "conversations", text_field):
         if c in columns:
             return c
-    raise DataError(f"{where} has no 'messages' or {text_field!r} column (columns: {columns}); "
-                    "set text_field to the column that holds the text")
+    raise DataError(
+        f"{where} has no 'messages' or {text_field!r} column (columns: {columns}); "
+        "set text_field to the column that holds the text"
+    )
 
 
 def _iter_parquet(path: Path, text_field: str) -> Iterator[Document]:

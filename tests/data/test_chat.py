@@ -20,11 +20,19 @@ CHATML_GEN = (
 )
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
-     {"role": "assistant", "content": "6, of course."}],
-    [{"role": "user", "content": "Say 'Hi' twice"}, {"role": "assistant", "content": "Hi"},
-     {"role": "user", "content": "again, Hi"}, {"role": "assistant", "content": "Hi"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6, of course."},
+    ],
+    [
+        {"role": "user", "content": "Say 'Hi' twice"},
+        {"role": "assistant", "content": "Hi"},
+        {"role": "user", "content": "again, Hi"},
+        {"role": "assistant", "content": "Hi"},
+    ],
 ]
 
 

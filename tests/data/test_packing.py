@@ -21,8 +21,12 @@ from arwkv.data.packing import (
 )
 from arwkv.errors import DataError
 
-CHAT = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."},
-        {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You are welcome."}]
+CHAT = [
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Four."},
+    {"role": "user", "content": "Thanks"},
+    {"role": "assistant", "content": "You are welcome."},
+]
 
 
 @functools.cache
@@ -74,11 +78,18 @@ def test_packing_keeps_every_token_and_resets_at_every_boundary(T):
 
 def test_whole_documents_do_not_straddle_rows():
     mask = np.array([0, 0, 1, 1, 1])
-    docs = [TokenDoc(np.arange(1, 6)), TokenDoc(np.arange(11, 16), mask, whole=True),
-            TokenDoc(np.arange(21, 33), np.ones(12, np.uint8), whole=True)]
+    docs = [
+        TokenDoc(np.arange(1, 6)),
+        TokenDoc(np.arange(11, 16), mask, whole=True),
+        TokenDoc(np.arange(21, 33), np.ones(12, np.uint8), whole=True),
+    ]
     b = pack_documents(docs, 8).tensors()
-    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0, 0, 0], [11, 12, 13, 14, 15, 0, 0, 0],
-                                       [21, 22, 23, 24, 25, 26, 27, 28], [29, 30, 31, 32, 0, 0, 0, 0]]
+    assert b["input_ids"].tolist() == [
+        [1, 2, 3, 4, 5, 0, 0, 0],
+        [11, 12, 13, 14, 15, 0, 0, 0],
+        [21, 22, 23, 24, 25, 26, 27, 28],
+        [29, 30, 31, 32, 0, 0, 0, 0],
+    ]
     assert b["loss_mask"][1].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
     assert b["attention_mask"][0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
     assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]  # padding is a segment of its own
@@ -103,7 +114,7 @@ def test_packed_row_equals_separate_documents_for_the_teacher(shared):
         start = 0
         for d in docs:
             alone = teacher(torch.as_tensor(d.ids)[None]).logits[0]
-            assert (packed[start:start + len(d.ids)] - alone).abs().max() < 1e-4
+            assert (packed[start : start + len(d.ids)] - alone).abs().max() < 1e-4
             start += len(d.ids)
 
 
@@ -229,8 +240,10 @@ def test_resume_refuses_other_data(corpus):
 def test_sharding_is_disjoint_complete_and_matches_one_process(corpus, world):
     steps = 5  # 5 steps x 4 global rows = one epoch of 20 rows
     single = rows_of(take(PackedLoader(corpus, 4, seed=3), steps))
-    ranks = [rows_of(take(PackedLoader(corpus, 4 // world, seed=3, rank=r, world_size=world), steps))
-             for r in range(world)]
+    ranks = [
+        rows_of(take(PackedLoader(corpus, 4 // world, seed=3, rank=r, world_size=world), steps))
+        for r in range(world)
+    ]
     for s in range(steps):
         per_rank = [ranks[r][s] for r in range(world)]
         assert sorted(sum(per_rank, [])) == sorted(single[s])  # same global batch as 1 process

@@ -54,8 +54,12 @@ def test_real_tinystories_sample(shared):
 
 def test_jsonl_text_messages_and_sharegpt(tmp_path):
     f = tmp_path / "d.jsonl"
-    rows = [{"text": "plain one"}, {"messages": CHAT}, {"text": "   "},
-            {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}]
+    rows = [
+        {"text": "plain one"},
+        {"messages": CHAT},
+        {"text": "   "},
+        {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+    ]
     lines = [json.dumps(r) for r in rows]
     f.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]))
     docs = list(iter_documents(f))
@@ -68,13 +72,16 @@ def test_jsonl_text_messages_and_sharegpt(tmp_path):
     assert texts(g, text_field="body") == ["custom field"]
 
 
-@pytest.mark.parametrize("line,match", [
-    ("{not json", r"bad.jsonl:2 is not valid JSON"),
-    ('{"title": "x"}', r"bad.jsonl:2: record has neither 'text' nor 'messages'"),
-    ('{"messages": [{"role": "user"}]}', r"bad.jsonl:2: 'messages' must be"),
-    ('{"text": 5}', r"must be a string"),
-    ("[1, 2]", r"expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("{not json", r"bad.jsonl:2 is not valid JSON"),
+        ('{"title": "x"}', r"bad.jsonl:2: record has neither 'text' nor 'messages'"),
+        ('{"messages": [{"role": "user"}]}', r"bad.jsonl:2: 'messages' must be"),
+        ('{"text": 5}', r"must be a string"),
+        ("[1, 2]", r"expected a JSON object"),
+    ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, line, match):
     f = tmp_path / "bad.jsonl"
     f.write_text(json.dumps({"text": "ok"}) + "\n" + line + "\n")
@@ -100,8 +107,12 @@ def test_hf_dataset_on_disk(tmp_path):
 
     Dataset.from_dict({"text": ["one", "two", "three"]}).save_to_disk(str(tmp_path / "ds"))
     assert texts(tmp_path / "ds") == ["one", "two", "three"]
-    dd = DatasetDict({"train": Dataset.from_dict({"messages": [CHAT]}),
-                      "test": Dataset.from_dict({"messages": [CHAT[:1]]})})
+    dd = DatasetDict(
+        {
+            "train": Dataset.from_dict({"messages": [CHAT]}),
+            "test": Dataset.from_dict({"messages": [CHAT[:1]]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert [d.messages for d in iter_documents(tmp_path / "dd")] == [CHAT]
     assert [d.messages for d in iter_documents(tmp_path / "dd", split="test")] == [CHAT[:1]]

@@ -51,8 +51,9 @@ def test_cache_hit_samples_nothing(stories, tmp_path, count_sampling):
     second = teacher_corpus(stories, **kw)
     assert second.from_cache and count_sampling == []
     assert torch.equal(first.train, second.train) and torch.equal(first.heldout, second.heldout)
-    assert [p.name.startswith("teacher-corpus-") and p.suffix == ".safetensors"
-            for p in tmp_path.iterdir()] == [True]  # one file, no temporary left behind
+    assert [
+        p.name.startswith("teacher-corpus-") and p.suffix == ".safetensors" for p in tmp_path.iterdir()
+    ] == [True]  # one file, no temporary left behind
     rows = second.packed("train").tensors()
     assert torch.equal(rows["input_ids"], first.train)
     assert rows["position_ids"].tolist() == [list(range(24))] * 6
@@ -103,12 +104,29 @@ def test_eos_stops_a_sequence(stories):
 
 def test_chat_mode_with_a_tiny_teacher(shared, tmp_path):
     tok = AutoTokenizer.from_pretrained(shared / "assets/qwen2-tokenizer")
-    config = LlamaConfig(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=None,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=151936,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     teacher = LlamaForCausalLM(config)
-    out = teacher_corpus(teacher, tokenizer=tok, mode="chat", num_train=3, num_heldout=1, seq_len=60,
-                         batch_size=3, cache_dir=tmp_path, progress=False)
+    out = teacher_corpus(
+        teacher,
+        tokenizer=tok,
+        mode="chat",
+        num_train=3,
+        num_heldout=1,
+        seq_len=60,
+        batch_size=3,
+        cache_dir=tmp_path,
+        progress=False,
+    )
     for i in range(3):
         n, p = int(out.train_lengths[i]), int(out.train_prompt_lengths[i])
         prompt = tok.decode(out.train[i, :p])
@@ -117,7 +135,7 @@ def test_chat_mode_with_a_tiny_teacher(shared, tmp_path):
     rows = out.packed("train", seq_len=64, reply_only=True).tensors()
     assert rows["input_ids"].shape == (3, 64)  # whole conversations, one per row
     p0 = int(out.train_prompt_lengths[0])
-    assert rows["loss_mask"][0, :p0].sum() == 0 and rows["loss_mask"][0, p0:int(out.train_lengths[0])].all()
+    assert rows["loss_mask"][0, :p0].sum() == 0 and rows["loss_mask"][0, p0 : int(out.train_lengths[0])].all()
 
 
 def test_mode_errors(stories):
@@ -125,8 +143,14 @@ def test_mode_errors(stories):
         teacher_corpus(stories, num_train=1, mode="chat", progress=False)
     with pytest.raises(DataError, match="must be 'bos' or 'chat'"):
         teacher_corpus(stories, num_train=1, mode="story", progress=False)
-    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=1, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        bos_token_id=None,
+    )
     no_bos = LlamaForCausalLM(config)
     with pytest.raises(DataError, match="no BOS token"):
         teacher_corpus(no_bos, num_train=1, progress=False)

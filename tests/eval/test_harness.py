@@ -23,8 +23,14 @@ def model_dir(tmp_path, qwen_tokenizer):
 
 def test_run_eval_writes_report_for_teacher_and_baseline(model_dir, shared, tmp_path):
     out = tmp_path / "eval"
-    result = run_eval([str(model_dir), f"swa:{model_dir}"], ["arc_easy", "blimp"], limit=3, out_dir=out,
-                      data_dir=shared / "eval", progress=False)
+    result = run_eval(
+        [str(model_dir), f"swa:{model_dir}"],
+        ["arc_easy", "blimp"],
+        limit=3,
+        out_dir=out,
+        data_dir=shared / "eval",
+        progress=False,
+    )
     assert list(result["results"]) == ["tiny-teacher", "swa64+4(tiny-teacher)"]
     assert result["reference"] == "tiny-teacher"
     teacher, swa = result["results"].values()
@@ -55,8 +61,19 @@ def test_cli_eval_runs_passkey_alone(model_dir, tmp_path, capsys):
     from arwkv.cli import main
 
     out = tmp_path / "lc"
-    code = main(["eval", f"t={model_dir}", f"w=swa:{model_dir}", "--tasks", "none", "--passkey", "128,256",
-                 "--out", str(out)])
+    code = main(
+        [
+            "eval",
+            f"t={model_dir}",
+            f"w=swa:{model_dir}",
+            "--tasks",
+            "none",
+            "--passkey",
+            "128,256",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     table = (out / "long_context.md").read_text()
     assert "passkey@128" in table and "passkey@256" in table and "| w |" in table

@@ -19,8 +19,11 @@ def _clean(text: str) -> str:
 def hellaswag_docs(dataset):
     def one(doc):
         ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-        return {"query": _clean(doc["activity_label"] + ": " + ctx),
-                "choices": [_clean(e) for e in doc["endings"]], "gold": int(doc["label"])}
+        return {
+            "query": _clean(doc["activity_label"] + ": " + ctx),
+            "choices": [_clean(e) for e in doc["endings"]],
+            "gold": int(doc["label"]),
+        }
 
     return dataset.map(one)
 
