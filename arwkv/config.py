@@ -79,6 +79,9 @@ class DataConfig:
     sft: list[str] = field(default_factory=list)  # chat data for stage 3; empty = use `train`
     text_field: str = "text"
     chat: bool = False  # render `messages` with the teacher's chat template
+    # with `train` files: this fraction of each stage's rows is teacher-written (data_free settings), the rest
+    # real text from the files; 0 = files only. Without files everything is teacher-written.
+    teacher_fraction: float = 0.0
     shuffle: bool = True
     data_free: DataFreeConfig = field(default_factory=DataFreeConfig)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
@@ -107,6 +110,9 @@ class StageConfig:
     kl_temperature: float = 1.0
     ce_weight: float = 0.0  # stage 2: loss = KL + ce_weight * CE
     chunk_size: int = 1024  # tokens per chunk for lm_head + KL/CE (bounds [tokens, vocab] memory)
+    # stage 2: > 0 reads the teacher's top-k (+ tail mass) from a disk cache filled once per row, ever;
+    # 0 = the full-vocabulary teacher online at every step
+    teacher_topk: int = 0
     # parameter groups to freeze: any of embeddings, mlp, norms, lm_head, mixers
     freeze: list[str] = field(default_factory=list)
     eval_interval: int = 0  # steps between held-out evaluations; 0 = only before/after the stage
@@ -373,6 +379,15 @@ def validate(cfg: RecipeConfig) -> None:
                 f"{stage}.freeze: unknown group(s) {sorted(bad)}; "
                 "choose from embeddings, mlp, norms, lm_head, mixers"
             )
+    if cfg.distill.teacher_topk < 0:
+        raise ConfigError(
+            f"distill.teacher_topk must be ≥ 0 (got {cfg.distill.teacher_topk}; 0 = online teacher)"
+        )
+    if not 0 <= cfg.data.teacher_fraction < 1:
+        raise ConfigError(
+            f"data.teacher_fraction must be in [0, 1) (got {cfg.data.teacher_fraction}); "
+            "for teacher-written data only, leave data.train empty"
+        )
     _check_mixer_options(cfg.student.mixer)
     if cfg.align.loss not in ("mse", "l2"):
         raise ConfigError(f"align.loss must be mse or l2 (got {cfg.align.loss})")

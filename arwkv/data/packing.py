@@ -304,6 +304,19 @@ class PackedCorpus:
         tokens[order], flags[order] = self.tokens[idx[order]], self.flags[idx[order]]
         return batch_from_flags(tokens, flags)
 
+    def absolute_rows(self, idx: np.ndarray | list[int]) -> np.ndarray:
+        """Row numbers in the underlying arrays (stable across subset views: what a teacher cache keys on)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return self.rows[idx] if self.rows is not None else idx
+
+    @property
+    def num_base_rows(self) -> int:
+        return int(self.meta["num_rows"])
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
     def tensors(self) -> dict[str, Tensor]:
         """Every row at once (small corpora, held-out sets)."""
         return self.batch(np.arange(len(self)))
@@ -357,6 +370,87 @@ class PackedCorpus:
         )
         fp = _array_hash(ids, np.asarray(lens), *([] if mask is None else [mask]))
         return pack_documents(docs, seq_len or ids.shape[1], pad_id=pad_id, fingerprint=fp)
+
+
+class MixedCorpus:
+    """Two packed corpora (same `seq_len`) drawn in a stated proportion: `fraction` of the rows come from
+    `first`, the rest from `second`; the smaller side repeats so the proportion holds over every epoch.
+
+    >>> mix = MixedCorpus(teacher_rows, file_rows, fraction=0.5)   # half teacher-written, half real text
+    """
+
+    def __init__(self, first: PackedCorpus, second: PackedCorpus, fraction: float) -> None:
+        if first.seq_len != second.seq_len:
+            raise DataError(f"cannot mix rows of {first.seq_len} and {second.seq_len} tokens")
+        if not 0 < fraction < 1:
+            raise DataError(f"a mixing fraction must be strictly between 0 and 1 (got {fraction})")
+        self.first, self.second, self.fraction = first, second, float(fraction)
+        n1, n2 = len(first), len(second)
+        total = int(np.ceil(max(n1 / fraction, n2 / (1 - fraction))))
+        k1 = int(round(total * fraction))
+        # interleave the two sources evenly, so any window of the stream holds the stated proportion
+        which = (np.floor((np.arange(total) + 1) * k1 / total) - np.floor(np.arange(total) * k1 / total)) > 0
+        self._source = which  # True: first
+        self._index = np.where(which, np.cumsum(which) - 1, np.cumsum(~which) - 1)
+        self._index = np.where(which, self._index % n1, self._index % n2)
+        self.meta = {
+            "seq_len": first.seq_len,
+            "fingerprint": hashlib.sha256(
+                f"mix:{first.fingerprint}:{second.fingerprint}:{fraction}".encode()
+            ).hexdigest(),
+        }
+
+    @property
+    def seq_len(self) -> int:
+        return self.first.seq_len
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    @property
+    def num_base_rows(self) -> int:
+        return self.first.num_base_rows + self.second.num_base_rows
+
+    @property
+    def base_fingerprint(self) -> str:
+        return hashlib.sha256(
+            f"mix:{self.first.base_fingerprint}:{self.second.base_fingerprint}".encode()
+        ).hexdigest()
+
+    def absolute_rows(self, idx: np.ndarray | list[int]) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        src, i = self._source[idx], self._index[idx]
+        a = self.first.absolute_rows(i[src]) if src.any() else np.zeros(0, np.int64)
+        b = (
+            self.second.absolute_rows(i[~src]) + self.first.num_base_rows
+            if (~src).any()
+            else np.zeros(0, np.int64)
+        )
+        out = np.empty(len(idx), np.int64)
+        out[src], out[~src] = a, b
+        return out
+
+    def batch(self, idx: np.ndarray | list[int]) -> dict[str, Tensor]:
+        idx = np.asarray(idx, dtype=np.int64)
+        src, i = self._source[idx], self._index[idx]
+        parts = {}
+        for mask, corpus in ((src, self.first), (~src, self.second)):
+            if mask.any():
+                parts[bool(mask is src)] = (np.nonzero(mask)[0], corpus.batch(i[mask]))
+        out: dict[str, Tensor] = {}
+        for key in next(iter(parts.values()))[1]:
+            full = torch.empty((len(idx), self.seq_len), dtype=torch.int64)
+            for where, b in parts.values():
+                full[torch.from_numpy(where)] = b[key]
+            out[key] = full
+        return out
+
+    def tensors(self) -> dict[str, Tensor]:
+        return self.batch(np.arange(len(self)))
 
 
 def batch_from_flags(tokens: np.ndarray, flags: np.ndarray) -> dict[str, Tensor]:
@@ -480,6 +574,7 @@ class PackedLoader:
         rank: int = 0,
         world_size: int = 1,
         epochs: int | None = None,
+        with_row_ids: bool = False,
     ):
         if len(corpus) == 0:
             raise DataError("the packed corpus is empty: nothing to iterate")
@@ -487,6 +582,7 @@ class PackedLoader:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
         self.corpus, self.batch_size, self.seed, self.shuffle = corpus, batch_size, seed, shuffle
         self.rank, self.world_size, self.epochs = rank, world_size, epochs
+        self.with_row_ids = with_row_ids  # batch["row_ids"]: absolute rows, for a teacher cache
         self.consumed = 0  # global rows handed out to all ranks together
         self._perms: dict[int, np.ndarray] = {}
 
@@ -520,7 +616,10 @@ class PackedLoader:
             raise StopIteration
         rows = self.global_rows(int(mine[0]), int(mine[-1] - mine[0]) + 1)[:: self.world_size]
         self.consumed += span
-        return self.corpus.batch(rows)
+        batch = self.corpus.batch(rows)
+        if self.with_row_ids:
+            batch["row_ids"] = torch.from_numpy(self.corpus.absolute_rows(rows))
+        return batch
 
     def __len__(self) -> int:
         if self.epochs is None:

@@ -422,6 +422,8 @@ def _settings(
         "template": str(getattr(tokenizer, "chat_template", "")) if mode == "chat" else "",
         "template_kwargs": template_kwargs or {},
         "dtype": str(next(teacher.parameters()).dtype),
+        # bf16 autocast samples other tokens than fp32: a separate cache (the key is unchanged without it)
+        **({"autocast": "bfloat16"} if torch.is_autocast_enabled("cpu") else {}),
     }
 
 

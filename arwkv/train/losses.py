@@ -8,13 +8,15 @@ Per-token losses:
 - stage 1, `mse`: mean over layers and channels of (y_T − y_S)²  (RADLADS);
 - stage 1, `l2`:  mean over layers of ‖y_T − y_S‖₂ / √C  (ARWKV);
 - stage 2, `kl`:  T² · KL(softmax(z_T/T) ‖ softmax(z_S/T)) over the full vocabulary (T² keeps gradient scale
-  independent of T, Hinton et al.); optional CE mix;
+  independent of T, Hinton et al.); optional CE mix. From a teacher cache (`TeacherTopK`) the same KL is
+  taken over k+1 buckets: the teacher's top-k tokens and one bucket for the rest of the vocabulary;
 - stage 3, `ce`:  cross-entropy of the next token, labels shifted exactly once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +77,44 @@ def kl_per_token(student_logits: Tensor, teacher_logits: Tensor, temperature: fl
     return kl * temperature**2
 
 
+@dataclass
+class TeacherTopK:
+    """The teacher's next-token distribution kept as its top-k: `ids` [n, k] (int), `logp` [n, k] (log-probs
+    at the distillation temperature, any float dtype) and `tail_logp` [n] (log of the remaining mass)."""
+
+    ids: Tensor
+    logp: Tensor
+    tail_logp: Tensor
+
+    def __getitem__(self, index) -> TeacherTopK:
+        return TeacherTopK(self.ids[index], self.logp[index], self.tail_logp[index])
+
+
+def teacher_topk(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> TeacherTopK:
+    """Top-k log-probs of `teacher_logits` [..., V] at `temperature` plus the log of the mass left over."""
+    logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    top, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    # log(1 - sum p_top), computed from the log-probs in fp32; clamped where the top-k hold all the mass
+    tail = torch.log1p(-top.exp().sum(-1).clamp(max=1.0 - 1e-7))
+    return TeacherTopK(ids, top, tail)
+
+
+def topk_kl_per_token(student_logits: Tensor, teacher: TeacherTopK, temperature: float = 1.0) -> Tensor:
+    """T²·KL over k+1 buckets (the teacher's top-k tokens, the rest of the vocabulary as one bucket) per
+    position, [n, V] → [n]. Equals `kl_per_token` when the top-k hold all the teacher's mass, and is never
+    larger than it (merging outcomes cannot increase a KL)."""
+    s = student_logits.float() / temperature
+    lse = torch.logsumexp(s, dim=-1)
+    ids = teacher.ids.long()
+    log_q = s.gather(-1, ids) - lse[:, None]
+    # the student's mass outside the teacher's top-k, without subtracting nearly equal numbers
+    log_q_tail = torch.logsumexp(s.scatter(-1, ids, float("-inf")), dim=-1) - lse
+    log_q_tail = log_q_tail.clamp(min=-100.0)  # k = V leaves no tail: -inf times a ~0 teacher tail mass
+    log_p, log_p_tail = teacher.logp.float(), teacher.tail_logp.float()
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1) + log_p_tail.exp() * (log_p_tail - log_q_tail)
+    return kl * temperature**2
+
+
 def kl_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -120,7 +160,8 @@ def kl_loss_from_hidden(
     """KL(p_T ‖ p_S) [+ ce_weight·CE] without ever holding a [B·T, V] tensor.
 
     student_hidden: [B, T, C] final-norm output; student_head: the lm_head. `teacher_logits_fn(index)`
-    returns the teacher's logits [n, V_T] for flat token positions `index` (called under no_grad).
+    returns the teacher's logits [n, V_T] for flat token positions `index` (called under no_grad), or its
+    cached `TeacherTopK` for them (then the bucketed top-k KL is used).
     Each chunk applies the head inside a checkpoint, so backward recomputes it chunk by chunk.
     labels: [B, T] next-token ids aligned to positions (already shifted; -100 = no target), used only when
     ce_weight > 0. The CE sum is normalised by the same count as the KL.
@@ -136,20 +177,21 @@ def kl_loss_from_hidden(
         j = idx[i : i + chunk_size]
         with torch.no_grad():
             t = teacher_logits_fn(j)
+        kl_fn = topk_kl_per_token if isinstance(t, TeacherTopK) else kl_per_token
         if ce_weight > 0 and flat_labels is not None:
             y = flat_labels[j]
 
-            def chunk_fn(x, t=t, y=y):
+            def chunk_fn(x, t=t, y=y, kl_fn=kl_fn):
                 z = student_head(x)
                 return torch.stack(
-                    [kl_per_token(z, t, temperature).sum(), F.cross_entropy(z.float(), y, reduction="sum")]
+                    [kl_fn(z, t, temperature).sum(), F.cross_entropy(z.float(), y, reduction="sum")]
                 )
 
             kc = _ckpt(chunk_fn, hj)
             kl_total, ce_total = kl_total + kc[0], ce_total + kc[1]
         else:
             kl_total = kl_total + _ckpt(
-                lambda x, t=t: kl_per_token(student_head(x), t, temperature).sum(), hj
+                lambda x, t=t, kl_fn=kl_fn: kl_fn(student_head(x), t, temperature).sum(), hj
             )
     return kl_total + ce_weight * ce_total, m.sum(), {"kl": kl_total.detach(), "ce": ce_total.detach()}
 
