@@ -9,11 +9,11 @@ Variants (each on a freshly built copy-init student, same rows, same seed):
   and norms train), `cache` (teacher top-k from a `TeacherCache` that was filled beforehand; the teacher does
   not run), and `all` (bf16 + freeze + cache).
 
-Rows: tinyshakespeare from ../shared/assets packed to --seq-len, batch --batch. Timing: wall time per optimizer
-step after --warmup steps, on whatever cores torch uses (--threads); run it with nothing else on the machine.
-With --quality-tokens N each stage-2 variant also trains N tokens from the same stage-1 student and reports the
+Rows: tinyshakespeare from ../shared/assets packed to --seq-len, batch --batch. Timing: wall time per
+optimizer step after --warmup steps, on --threads torch threads; run it with nothing else on the machine.
+With --quality-tokens N each stage-2 variant also trains N tokens from the copy-init student and reports the
 held-out KL (full vocabulary) on held-out rows, so speed and quality per token are judged side by side.
-Also printed: the top-k KL vs the full-vocabulary KL on one batch (relative error) and cache bytes per 1M tokens.
+Also printed: the top-k KL vs the full-vocabulary KL on one batch (relative error), cache bytes per token.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The teacher's top-k next-token distribution, kept on disk so the teacher runs once per training row, ever.
 
-Stage 2 needs the teacher's distribution at every position of every row it trains on. Recomputing it costs a
-full teacher forward per step; reading it from this cache costs a few hundred bytes per token. For each row of
-a packed corpus the cache holds, at every position, the top-k token ids (int32), their log-probs (fp16) and the
-log of the remaining mass (fp32), as memory-mapped `.npy` arrays in one folder:
+Stage 2 needs the teacher's distribution at every position of every row it trains on. Recomputing it costs
+a full teacher forward per step; reading it from this cache costs a few hundred bytes per token. For each
+row of a packed corpus the cache holds, at every position, the top-k token ids (int32), their log-probs
+(fp16) and the log of the remaining mass (fp32), as memory-mapped `.npy` arrays in one folder:
 
     <cache_dir>/topk-<key>/meta.json        what it was made from (teacher, tokenizer, data, k, T, dtype)
     <cache_dir>/topk-<key>/ids.npy          [N, T, k] int32
@@ -11,13 +11,14 @@ log of the remaining mass (fp32), as memory-mapped `.npy` arrays in one folder:
     <cache_dir>/topk-<key>/tail.npy         [N, T] float32
     <cache_dir>/topk-<key>/done-<rank>.npy  [N] uint64: crc32 of each row this process wrote, | 1 << 32
 
-Rows are filled lazily: the first time a row is trained on, the teacher runs on it and its entry is written;
-later epochs, resumed runs and other runs with the same key read it. A row counts as present only once its
-bytes are flushed and its checksum is recorded (the record is replaced atomically), so a run killed mid-write
-recomputes that row; a row whose bytes no longer match its checksum (a corrupt file) is recomputed too. Space
-for the whole cache is reserved when it is created, so a full disk is a clear error at the start, never a crash
-in the middle of training. `meta.json` is checked against the run's own key on every open: a cache written
-for another teacher, tokenizer, data, k, temperature or dtype is refused with the difference named.
+Rows are filled lazily: the first time a row is trained on, the teacher runs on it and its entry is
+written; later epochs, resumed runs and other runs with the same key read it. A row counts as present only
+once its bytes are flushed and its checksum is recorded (the record is replaced atomically), so a run killed
+mid-write recomputes that row; a row whose bytes no longer match its checksum (a corrupt file) is recomputed
+too. Space for the whole cache is reserved when it is created, so a full disk is a clear error at the start,
+never a crash in the middle of training. `meta.json` is checked against the run's own key on every open: a
+cache written for another teacher, tokenizer, data, k, temperature or dtype is refused, the difference
+named.
 """
 
 from __future__ import annotations
