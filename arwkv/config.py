@@ -142,6 +142,16 @@ class EvalConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """A wall-clock budget (`arwkv.recipes.budget`): > 0 minutes of training replaces the stages' `tokens`
+    by what each stage's measured throughput reaches in its share of the minutes."""
+
+    minutes: float = 0.0
+    align_share: float = 0.15  # of the minutes for stage 1; stage 2 takes the rest (minus sft_share)
+    sft_share: float = 0.0
+
+
+@dataclass
 class DistributedConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards the student (fully_shard per decoder layer)
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
@@ -168,6 +178,7 @@ class RecipeConfig:
     sft: StageConfig = field(default_factory=_sft_defaults)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -379,6 +390,12 @@ def validate(cfg: RecipeConfig) -> None:
                 f"{stage}.freeze: unknown group(s) {sorted(bad)}; "
                 "choose from embeddings, mlp, norms, lm_head, mixers"
             )
+    b = cfg.budget
+    if b.minutes < 0 or not (0 <= b.align_share < 1 and 0 <= b.sft_share < 1):
+        raise ConfigError(
+            f"budget: need minutes ≥ 0 and shares in [0, 1) (minutes={b.minutes}, "
+            f"align_share={b.align_share}, sft_share={b.sft_share})"
+        )
     if cfg.distill.teacher_topk < 0:
         raise ConfigError(
             f"distill.teacher_topk must be ≥ 0 (got {cfg.distill.teacher_topk}; 0 = online teacher)"

@@ -58,6 +58,8 @@ class TeacherCache:
     def __init__(self, folder: Path, meta: dict[str, Any], rank: int = 0) -> None:
         self.folder, self.meta, self.rank = folder, meta, rank
         n, t, k = meta["num_rows"], meta["seq_len"], meta["k"]
+        for name, shape in (("ids", (n, t, k)), ("logp", (n, t, k)), ("tail", (n, t))):
+            _check_npy(folder / f"{name}.npy", shape)
         try:
             self.ids = np.load(folder / "ids.npy", mmap_mode="r+")
             self.logp = np.load(folder / "logp.npy", mmap_mode="r+")
@@ -224,6 +226,33 @@ def _create(folder: Path, meta: dict[str, Any]) -> None:
     except BaseException:
         _rmtree(tmp)
         raise
+
+
+def _check_npy(path: Path, shape: tuple[int, ...]) -> None:
+    """Refuse a missing, truncated or reshaped array before mapping it (numpy would silently zero-extend a
+    short file opened for writing)."""
+    problem = ""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            found, _, dtype = read(f)
+            header = f.tell()
+        size = path.stat().st_size
+        if tuple(found) != shape:
+            problem = f"shape {tuple(found)}, expected {shape}"
+        elif size != header + int(np.prod(shape)) * dtype.itemsize:
+            problem = f"{size} bytes, expected {header + int(np.prod(shape)) * dtype.itemsize} (truncated?)"
+    except (OSError, ValueError) as e:
+        problem = str(e)
+    if problem:
+        raise DataError(
+            f"the teacher cache file {path} is damaged ({problem}); delete {path.parent} to rebuild it"
+        )
 
 
 def _rmtree(path: Path) -> None:

@@ -111,7 +111,11 @@ def topk_kl_per_token(student_logits: Tensor, teacher: TeacherTopK, temperature:
     log_q_tail = torch.logsumexp(s.scatter(-1, ids, float("-inf")), dim=-1) - lse
     log_q_tail = log_q_tail.clamp(min=-100.0)  # k = V leaves no tail: -inf times a ~0 teacher tail mass
     log_p, log_p_tail = teacher.logp.float(), teacher.tail_logp.float()
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1) + log_p_tail.exp() * (log_p_tail - log_q_tail)
+    p_tail = log_p_tail.exp()
+    tail = torch.where(
+        p_tail > 0, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail)
+    )  # 0·log 0 = 0
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1) + tail
     return kl * temperature**2
 
 
