@@ -37,11 +37,13 @@ def _row(name: str, m: dict[str, float] | None) -> str:
 
 
 def eval_curve(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """Held-out points (cumulative training minutes, stage, metrics): stage boundaries plus periodic evals."""
+    """Held-out points (cumulative training minutes and tokens, stage, metrics): stage boundaries plus
+    periodic evals."""
     points = []
     init = summary.get("baselines", {}).get("student_init")
     if init:
-        points.append({"minutes": 0.0, "stage": "init", **init})
+        points.append({"minutes": 0.0, "tokens": 0, "stage": "init", **init})
+    tokens_before = 0
     for name, st in summary.get("stages", {}).items():
         base = st.get("minutes_before", 0.0)
         for r in _records(run_dir / name / "metrics.jsonl"):
@@ -49,12 +51,16 @@ def eval_curve(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
                 points.append(
                     {
                         "minutes": base + r["wall_s"] / 60,
+                        "tokens": tokens_before + r.get("tokens", 0),
                         "stage": name,
                         **{k[5:]: v for k, v in r.items() if k.startswith("eval/")},
                     }
                 )
         if st.get("done"):
-            points.append({"minutes": base + st["wall_s"] / 60, "stage": name, **st["after"]})
+            tokens_before += st.get("tokens", 0)
+            points.append(
+                {"minutes": base + st["wall_s"] / 60, "tokens": tokens_before, "stage": name, **st["after"]}
+            )
     return points
 
 
@@ -83,24 +89,28 @@ def _plots(run_dir: Path, summary: dict[str, Any]) -> list[str]:
         files.append("loss_curves.png")
     pts = [p for p in eval_curve(run_dir, summary) if "kl" in p]
     if pts:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
-        for ax, key, label in (
-            (a1, "nll_ratio", "NLL ratio to teacher"),
-            (a2, "kl", "KL(teacher ‖ student)"),
+        fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
+        for row, (key, label, teacher_value) in enumerate(
+            (("nll_ratio", "NLL ratio to teacher", 1.0), ("kl", "KL(teacher ‖ student)", 0.0))
         ):
-            ax.plot([p["minutes"] for p in pts], [p[key] for p in pts], "o-", label="student")
-            swa = summary.get("baselines", {}).get("swa")
-            if swa and key in swa:
-                ax.axhline(
-                    swa[key],
-                    color="gray",
-                    ls="--",
-                    label=f"teacher SWA({swa.get('window')})+{swa.get('sinks')} sinks",
-                )
-            ax.set_xlabel("training minutes")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            for ax, x, xlabel in (
+                (axes[row][0], "minutes", "training minutes"),
+                (axes[row][1], "tokens", "training tokens"),
+            ):
+                ax.plot([p.get(x, 0) for p in pts], [p[key] for p in pts], "o-", label="student")
+                ax.axhline(teacher_value, color="black", lw=0.8, label="teacher")
+                swa = summary.get("baselines", {}).get("swa")
+                if swa and key in swa:
+                    ax.axhline(
+                        swa[key],
+                        color="gray",
+                        ls="--",
+                        label=f"teacher SWA({swa.get('window')})+{swa.get('sinks')} sinks",
+                    )
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel(label)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(run_dir / "heldout_curve.png", dpi=110)
         plt.close(fig)
@@ -167,11 +177,13 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
             "",
             "## Held-out curve",
             "",
-            "| training min | stage | NLL ratio | KL |",
-            "|---|---|---|---|",
+            "| training min | tokens | stage | NLL ratio | KL |",
+            "|---|---:|---|---|---|",
         ]
         lines += [
-            f"| {p['minutes']:.2f} | {p['stage']} | {p['nll_ratio']:.4f} | {p['kl']:.4f} |" for p in pts
+            f"| {p['minutes']:.2f} | {p.get('tokens', 0):,} | {p['stage']} | {p['nll_ratio']:.4f} | "
+            f"{p['kl']:.4f} |"
+            for p in pts
         ]
     for f in _plots(run_dir, summary):
         lines += ["", f"![{f}]({f})"]
