@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swa-sinks", type=int, default=4)
     p.add_argument("--text-file", default=None, help="text for perplexity (default: WikiText-2 test)")
     p.add_argument("--context-length", type=int, default=512)
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 autocast (about 2x faster on CPUs with bf16 matmuls; scores move in the 3rd digit)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -363,6 +368,14 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
+        return _eval(args)
+
+
+def _eval(args) -> int:
     from arwkv.eval.harness import DEFAULT_TASKS, run_eval
 
     names, specs = [], []

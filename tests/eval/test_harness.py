@@ -81,3 +81,17 @@ def test_cli_eval_runs_passkey_alone(model_dir, tmp_path, capsys):
     assert set(data) == {"t", "w"} and not (out / "eval.md").exists()
     assert main(["eval", str(model_dir), "--passkey", "1k", "--out", str(out)]) == 2
     assert "--passkey" in capsys.readouterr().err
+
+
+def test_cli_eval_bf16_scores_close_to_fp32(model_dir, tmp_path, shared):
+    from arwkv.cli import main
+
+    scores = {}
+    for flag in ([], ["--bf16"]):
+        out = tmp_path / ("bf16" if flag else "fp32")
+        args = ["eval", f"m={model_dir}", "--tasks", "wikitext", "--limit", "2", "--out", str(out), *flag]
+        assert main(args) == 0
+        data = json.loads((out / "eval.json").read_text())
+        scores[bool(flag)] = data["results"]["m"]["wikitext"]["perplexity"]["value"]
+    assert scores[True] != scores[False]  # autocast really ran
+    assert abs(scores[True] / scores[False] - 1) < 0.05
