@@ -1,4 +1,4 @@
-"""TeacherCache: round trip, key mismatches refused, corrupt rows recomputed, no half-written cache trusted."""
+"""TeacherCache: round trip, mismatched keys refused, corrupt rows recomputed, no half cache trusted."""
 
 from __future__ import annotations
 
