@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -95,7 +96,10 @@ def _dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as plain tensors, ints and tuples: loadable with torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -103,7 +107,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -244,7 +249,8 @@ def load_checkpoint(
     try:
         set_model_state_dict(model, load_model_state(path), options=StateDictOptions(full_state_dict=True))
         if optimizer is not None:
-            payload = torch.load(path / "optimizer.pt", weights_only=False)
+            # weights_only: a checkpoint is data, never code (run folders get copied and shared)
+            payload = torch.load(path / "optimizer.pt", weights_only=True)
             # strict=False: a trainable tensor that never got a gradient (e.g. the value-residual gate of the
             # first RWKV layer) has no AdamW state
             set_optimizer_state_dict(
@@ -255,7 +261,12 @@ def load_checkpoint(
             )
             if scheduler is not None and payload["scheduler"] is not None:
                 scheduler.load_state_dict(payload["scheduler"])
-        per_rank = torch.load(path / f"rank{rank}.pt", weights_only=False)
+        per_rank = torch.load(path / f"rank{rank}.pt", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"cannot restore {path}: it holds objects other than tensors and plain data, which arwkv never "
+            f"writes and will not execute ({str(e).splitlines()[0]}); resume from another checkpoint"
+        ) from e
     except (OSError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"cannot restore {path}: {type(e).__name__}: {e}") from e
     if restore_rng:
