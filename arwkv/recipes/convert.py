@@ -471,6 +471,28 @@ def open_teacher_cache(cfg: RecipeConfig, teacher: nn.Module, tokenizer, rows, r
     )
 
 
+def _lock_run_dir(run_dir: Path):
+    """An exclusive lock on `<run_dir>/.lock`, or CheckpointError naming the process that holds it."""
+    import fcntl
+
+    f = open(run_dir / ".lock", "a+")  # noqa: SIM115  (kept open: the lock lives as long as the file)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise CheckpointError(
+            f"{run_dir} is in use by {holder} (a conversion, or DDP workers of a killed launcher, still "
+            "writing to it); wait for it or stop it, then rerun — two writers would corrupt the run"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    return f
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
@@ -488,6 +510,9 @@ def run(cfg: RecipeConfig, stages: list[str] | None = None, student_from: str | 
     stages = [s for s in (stages or STAGES) if stages or getattr(cfg, s).enabled]
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    # held until this process ends (the kernel drops it even on kill -9): one writer per run folder
+    lock = _lock_run_dir(run_dir) if env.is_main else None  # noqa: F841
+    if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
     config_yaml = (run_dir / "config.yaml").read_text() if env.is_main else None
     summary_path = run_dir / "summary.json"

@@ -102,3 +102,19 @@ def test_budget_plans_tokens_resumes_and_extends(shared, tmp_path, capsys):
     # shrinking is refused with one line
     assert main([*base, "budget.minutes=0.02"]) != 0
     assert "can only be extended" in capsys.readouterr().err
+
+
+def test_a_second_writer_in_the_same_run_folder_is_refused(shared, tmp_path, capsys):
+    import fcntl
+
+    run = tmp_path / "r"
+    run.mkdir()
+    with open(run / ".lock", "a+") as held:  # as a still-running conversion holds it
+        held.write("pid 4242")
+        held.flush()
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = main(["convert", "--recipe", "stories260k", _teacher(shared), *TINY, f"out_dir={run}"])
+        assert code != 0
+        err = capsys.readouterr().err
+        assert "in use by pid 4242" in err and "Traceback" not in err
+    assert not (run / "summary.json").exists()  # nothing was written by the refused run
