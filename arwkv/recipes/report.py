@@ -42,7 +42,7 @@ def eval_curve(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
     points = []
     init = summary.get("baselines", {}).get("student_init")
     if init:
-        points.append({"minutes": 0.0, "tokens": 0, "stage": "init", **init})
+        points.append({**init, "minutes": 0.0, "train_tokens": 0, "stage": "init"})
     tokens_before = 0
     for name, st in summary.get("stages", {}).items():
         base = st.get("minutes_before", 0.0)
@@ -50,16 +50,21 @@ def eval_curve(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
             if "eval/kl" in r:
                 points.append(
                     {
-                        "minutes": base + r["wall_s"] / 60,
-                        "tokens": tokens_before + r.get("tokens", 0),
-                        "stage": name,
                         **{k[5:]: v for k, v in r.items() if k.startswith("eval/")},
+                        "minutes": base + r["wall_s"] / 60,
+                        "train_tokens": tokens_before + r.get("tokens", 0),
+                        "stage": name,
                     }
                 )
         if st.get("done"):
             tokens_before += st.get("tokens", 0)
             points.append(
-                {"minutes": base + st["wall_s"] / 60, "tokens": tokens_before, "stage": name, **st["after"]}
+                {
+                    **st["after"],
+                    "minutes": base + st["wall_s"] / 60,
+                    "train_tokens": tokens_before,
+                    "stage": name,
+                }
             )
     return points
 
@@ -95,7 +100,7 @@ def _plots(run_dir: Path, summary: dict[str, Any]) -> list[str]:
         ):
             for ax, x, xlabel in (
                 (axes[row][0], "minutes", "training minutes"),
-                (axes[row][1], "tokens", "training tokens"),
+                (axes[row][1], "train_tokens", "training tokens"),
             ):
                 ax.plot([p.get(x, 0) for p in pts], [p[key] for p in pts], "o-", label="student")
                 ax.axhline(teacher_value, color="black", lw=0.8, label="teacher")
@@ -181,7 +186,7 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
             "|---|---:|---|---|---|",
         ]
         lines += [
-            f"| {p['minutes']:.2f} | {p.get('tokens', 0):,} | {p['stage']} | {p['nll_ratio']:.4f} | "
+            f"| {p['minutes']:.2f} | {p.get('train_tokens', 0):,} | {p['stage']} | {p['nll_ratio']:.4f} | "
             f"{p['kl']:.4f} |"
             for p in pts
         ]
