@@ -475,6 +475,7 @@ def _lock_run_dir(run_dir: Path):
     """An exclusive lock on `<run_dir>/.lock`, or CheckpointError naming the process that holds it."""
     import fcntl
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     f = open(run_dir / ".lock", "a+")  # noqa: SIM115  (kept open: the lock lives as long as the file)
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -501,6 +502,16 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def run(cfg: RecipeConfig, stages: list[str] | None = None, student_from: str | None = None) -> ConvertResult:
     """Run the recipe's enabled stages (or `stages`) and write the student and the report."""
+    # one writer per run folder: the lock lives while this runs (the kernel drops it even on kill -9)
+    lock = _lock_run_dir(cfg.run_dir) if _is_main() else None
+    try:
+        return _run(cfg, stages, student_from)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) -> ConvertResult:
     t_start = time.perf_counter()
     env = init_distributed(cfg.device, cfg.distributed.backend)
     if cfg.threads > 0:
@@ -510,9 +521,6 @@ def run(cfg: RecipeConfig, stages: list[str] | None = None, student_from: str | 
     stages = [s for s in (stages or STAGES) if stages or getattr(cfg, s).enabled]
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    # held until this process ends (the kernel drops it even on kill -9): one writer per run folder
-    lock = _lock_run_dir(run_dir) if env.is_main else None  # noqa: F841
-    if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
     config_yaml = (run_dir / "config.yaml").read_text() if env.is_main else None
     summary_path = run_dir / "summary.json"
