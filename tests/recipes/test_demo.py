@@ -62,3 +62,4 @@ def test_demo_converts_evaluates_and_both_models_answer(qwen_tok_teacher, tmp_pa
         reply = chat_reply(model, tok, "Name a colour.", max_new_tokens=8)
         assert f"**{name}**:\n\n```text\n{reply or '(empty)'}\n```" in report
     assert "Name a colour." in report and "report.md" in report
+    assert "What a longer conversion reaches" in report and "smollm2-135m-long" in report
