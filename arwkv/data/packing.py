@@ -437,16 +437,13 @@ class MixedCorpus:
     def batch(self, idx: np.ndarray | list[int]) -> dict[str, Tensor]:
         idx = np.asarray(idx, dtype=np.int64)
         src, i = self._source[idx], self._index[idx]
-        parts = {}
-        for mask, corpus in ((src, self.first), (~src, self.second)):
-            if mask.any():
-                parts[bool(mask is src)] = (np.nonzero(mask)[0], corpus.batch(i[mask]))
         out: dict[str, Tensor] = {}
-        for key in next(iter(parts.values()))[1]:
-            full = torch.empty((len(idx), self.seq_len), dtype=torch.int64)
-            for where, b in parts.values():
-                full[torch.from_numpy(where)] = b[key]
-            out[key] = full
+        for mask, corpus in ((src, self.first), (~src, self.second)):
+            if not mask.any():
+                continue
+            where = torch.from_numpy(np.nonzero(mask)[0])
+            for key, value in corpus.batch(i[mask]).items():
+                out.setdefault(key, torch.empty((len(idx), self.seq_len), dtype=value.dtype))[where] = value
         return out
 
     def tensors(self) -> dict[str, Tensor]:
