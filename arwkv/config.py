@@ -21,6 +21,8 @@ import yaml
 from arwkv.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "recipes" / "configs"
+# parameter groups a stage may freeze (named in arwkv.train.params; local_attention: local_window)
+FREEZABLE = ("embeddings", "mlp", "norms", "lm_head", "mixers", "local_attention")
 
 
 @dataclass
@@ -113,7 +115,7 @@ class StageConfig:
     # stage 2: > 0 reads the teacher's top-k (+ tail mass) from a disk cache filled once per row, ever;
     # 0 = the full-vocabulary teacher online at every step
     teacher_topk: int = 0
-    # parameter groups to freeze: any of embeddings, mlp, norms, lm_head, mixers
+    # parameter groups to freeze: any of FREEZABLE
     freeze: list[str] = field(default_factory=list)
     eval_interval: int = 0  # steps between held-out evaluations; 0 = only before/after the stage
     ckpt_interval: int = 200  # steps between checkpoints (plus one at the end)
@@ -384,11 +386,10 @@ def validate(cfg: RecipeConfig) -> None:
             raise ConfigError(f"{stage}: need 0 ≤ min_lr ≤ lr and lr > 0 (lr={s.lr}, min_lr={s.min_lr})")
         if len(s.betas) != 2:
             raise ConfigError(f"{stage}.betas needs two numbers, got {s.betas}")
-        bad = set(s.freeze) - {"embeddings", "mlp", "norms", "lm_head", "mixers"}
+        bad = set(s.freeze) - set(FREEZABLE)
         if bad:
             raise ConfigError(
-                f"{stage}.freeze: unknown group(s) {sorted(bad)}; "
-                "choose from embeddings, mlp, norms, lm_head, mixers"
+                f"{stage}.freeze: unknown group(s) {sorted(bad)}; choose from {', '.join(FREEZABLE)}"
             )
     b = cfg.budget
     if b.minutes < 0 or not (0 <= b.align_share < 1 and 0 <= b.sft_share < 1):

@@ -103,7 +103,8 @@ def build_student(
     """An `ArwkvForCausalLM` built from `teacher` (a supported HF causal LM).
 
     options: any `ArwkvConfig` mixer option (head_size, mixer_expand, use_gate, use_group_norm,
-    use_token_shift, use_rope, use_qk_norm, rkv_bias, output_bias, lora_ranks, softmax_layers, wkv_backend,
+    use_token_shift, use_rope, use_qk_norm, rkv_bias, output_bias, lora_ranks, softmax_layers, local_window,
+    local_sinks, wkv_backend,
     wkv_chunk_size).
     Tied embeddings stay tied unless `untie_embeddings`. The student gets the teacher's dtype, device and
     train/eval mode.
@@ -127,6 +128,10 @@ def build_student(
             copy_attention_into_mixer(
                 teacher.model.layers[i].self_attn, student.model.layers[i].self_attn, tcfg
             )
+    if config.local_window:  # the local branch is the teacher's attention, unchanged
+        for i in config.rwkv_layers:
+            local = student.model.layers[i].self_attn.local_attn
+            local.load_state_dict(teacher.model.layers[i].self_attn.state_dict())
     student.train(teacher.training)
     return student
 

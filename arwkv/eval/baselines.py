@@ -15,32 +15,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-_BLOCK = 256  # queries per block; keys per block are sinks + window + block
-
-
-def sink_window_allowed(
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    key_rank: torch.Tensor,
-    key_real: torch.Tensor,
-    window: int,
-    sinks: int,
-) -> torch.Tensor:
-    """[B, Q, K] bool: may query position q attend to key position k.
-
-    key_rank: index of each key among its sequence's real tokens ([B, K]); key_real: key is not padding.
-    The diagonal is always allowed so that padding queries never see an empty row (NaN in softmax).
-    """
-    causal = k_pos[None, :] <= q_pos[:, None]
-    recent = (q_pos[:, None] - k_pos[None, :]) < window
-    sink = (key_rank < sinks) & key_real
-    allowed = causal[None] & (recent[None] | sink[:, None, :]) & key_real[:, None, :]
-    return allowed | (k_pos[None, :] == q_pos[:, None])[None]
+from arwkv.ops.local_attention import sink_window_attention
 
 
 def _sink_window_attention(
@@ -57,34 +36,26 @@ def _sink_window_attention(
     **kwargs,
 ):
     # query [B, Hq, T, D]; key/value [B, Hkv, S, D], S ≥ T when a cache holds earlier tokens.
-    B, Hq, T, D = query.shape
+    B, _, T, _ = query.shape
     S = key.shape[2]
     if sliding_window:  # a teacher that already slides (Mistral) keeps the tighter window
         window = min(window, int(sliding_window))
-    groups = Hq // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
     real = torch.ones(B, S, dtype=torch.bool, device=query.device)
     if attention_mask is not None:
         real = attention_mask[:, -S:].to(device=query.device, dtype=torch.bool)
-    rank = real.long().cumsum(-1) - 1
-    # Sinks sit within the first `last_sink` key positions of every row (left padding pushes them right).
-    is_sink = (rank < sinks) & real
-    last_sink = int(is_sink.nonzero()[:, 1].max().item()) + 1 if is_sink.any() else 0
-    q_offset = S - T
-    out = torch.empty_like(query)
-    for q0 in range(0, T, _BLOCK):
-        q1 = min(q0 + _BLOCK, T)
-        lo = max(0, q0 + q_offset - window + 1)
-        keys = torch.arange(lo, q1 + q_offset, device=query.device)
-        if last_sink > 0 and lo > 0:
-            keys = torch.cat([torch.arange(min(last_sink, lo), device=query.device), keys])
-        q_pos = torch.arange(q0, q1, device=query.device) + q_offset
-        mask = sink_window_allowed(q_pos, keys, rank[:, keys], real[:, keys], window, sinks)
-        out[:, :, q0:q1] = F.scaled_dot_product_attention(
-            query[:, :, q0:q1], key[:, :, keys], value[:, :, keys], attn_mask=mask[:, None], scale=scaling
-        )
+    k_pos = torch.arange(S, device=query.device)
+    out = sink_window_attention(
+        query,
+        key,
+        value,
+        q_pos=k_pos[S - T :],
+        k_pos=k_pos,
+        k_rank=real.long().cumsum(-1) - 1,
+        k_real=real,
+        window=window,
+        sinks=sinks,
+        scale=scaling,
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -458,6 +458,10 @@ def export_problems(student: ArwkvForCausalLM) -> list[str]:
         problems.append("gate 1 + sigmoid(x g1) g2 (the published inference code computes sigmoid(x g1) g2)")
     if getattr(cfg, "use_value_residual", True) is False:
         problems.append("no value residual (the format always mixes in v_first)")
+    if getattr(cfg, "local_window", 0):
+        problems.append(
+            f"local_window {cfg.local_window}: the format's RWKV layers have no local softmax branch"
+        )
     if cfg.softmax_layers and 0 in cfg.softmax_layers:
         problems.append("layer 0 is softmax attention (the format takes v_first from an RWKV layer 0)")
     ranks = _student_ranks(student)

@@ -1,6 +1,7 @@
 """Which parameters train, and at which learning rate.
 
-Parameters fall into groups by name: `mixers` (the RWKV time-mixing blocks), `embeddings`, `lm_head`,
+Parameters fall into groups by name: `mixers` (the RWKV time-mixing blocks), `local_attention` (the
+teacher's attention a mixer keeps with `local_window`), `embeddings`, `lm_head`,
 `mlp`, `norms`, and `other` (e.g. a kept softmax attention). Frozen groups get `requires_grad=False`; the
 mixers may have their own learning rate (RADLADS trains new mixers ~10x faster than the inherited weights).
 """
@@ -13,7 +14,7 @@ from torch import nn
 
 from arwkv.train.forward import decoder_layers
 
-GROUPS = ("mixers", "embeddings", "lm_head", "mlp", "norms", "other")
+GROUPS = ("mixers", "local_attention", "embeddings", "lm_head", "mlp", "norms", "other")
 
 
 def mixer_layers(model: nn.Module) -> list[int]:
@@ -29,6 +30,8 @@ def mixer_layers(model: nn.Module) -> list[int]:
 
 
 def group_of(name: str, mixer_prefixes: tuple[str, ...]) -> str:
+    if ".local_attn." in name:  # the teacher's attention kept inside a mixer (student.mixer.local_window)
+        return "local_attention"
     if name.startswith(mixer_prefixes):
         return "mixers"
     if "embed_tokens" in name or "wte" in name:

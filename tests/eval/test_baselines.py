@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from arwkv.eval import baselines
 from arwkv.eval.baselines import SinkWindowBaseline, attention_implementation
+from arwkv.ops import local_attention
 
 SMALL = dict(
     vocab_size=96,
@@ -77,7 +77,7 @@ def test_window_covering_everything_equals_the_teacher(family, side):
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_small_window_equals_brute_force_mask(family, side, monkeypatch):
-    monkeypatch.setattr(baselines, "_BLOCK", 5)  # several query blocks, with sinks outside the window
+    monkeypatch.setattr(local_attention, "LOCAL_BLOCK", 5)  # several query blocks, sinks outside the window
     model = make(family)
     window, sinks = 4, 2
     ids, mask, pos = padded_batch([30, 21, 13], 30, side)

@@ -1,4 +1,4 @@
-"""The WKV kernel inlined in the student's modeling file is a verbatim copy of arwkv/ops/wkv7/chunked.py."""
+"""Operator code inlined in the student's modeling file is a verbatim copy of its source in arwkv/ops."""
 
 from __future__ import annotations
 
@@ -31,3 +31,10 @@ def test_fix_rewrites_a_stale_copy(tmp_path):
     text = target.read_text()
     assert text.startswith("head\n") and text.endswith(f"{tool.END}\ntail\n") and "stale" not in text
     assert tool.main([]) in (0, 1)  # the CLI runs on the real files
+
+
+def test_inlined_local_attention_matches_ops():
+    tool = load_tool()
+    source = tool.extract(tool.BLOCKS["local-attention"], "local-attention")
+    assert "def sink_window_attention(" in source
+    assert source == tool.extract(tool.TARGET, "local-attention"), "run `python tools/check_copies.py --fix`"

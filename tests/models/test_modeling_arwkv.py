@@ -39,6 +39,8 @@ def activate(student: ArwkvForCausalLM, seed: int = 1) -> ArwkvForCausalLM:
                 getattr(m, name).add_(rnd(getattr(m, name)) * 0.2)
         for name in ("v0", "a0", "k_a", "r_k"):
             getattr(m, name).add_(rnd(getattr(m, name)) * 0.5)
+        if m.local_attn is not None:  # the RWKV branch starts switched off beside the local attention
+            m.state_gain.copy_(1 + rnd(m.state_gain) * 0.5)
     return student
 
 
@@ -182,6 +184,8 @@ STUDENTS = {
     "rwkv": dict(),
     "hybrid": dict(softmax_layers=[1]),
     "rope+qknorm": dict(use_rope=True),  # qwen3 below: carried q/k norms
+    # a 3-token window + 1 sink inside every mixer: the kept keys are cropped after a few tokens
+    "local-window": dict(local_window=3, local_sinks=1),
 }
 
 
@@ -291,9 +295,9 @@ def test_cache_save_restore_continues_conversation(student, tmp_path):
 # Packed documents
 
 
-@pytest.mark.parametrize("softmax_layers", [[], [1]])
-def test_packed_position_ids_reset_state(softmax_layers):
-    student = student_for(softmax_layers=softmax_layers)
+@pytest.mark.parametrize("options", [{}, dict(softmax_layers=[1]), dict(local_window=3, local_sinks=1)])
+def test_packed_position_ids_reset_state(options):
+    student = student_for(**options)
     docs = [[ids_for(1, 4, 1)[0], ids_for(1, 6, 2)[0]], [ids_for(1, 7, 3)[0], ids_for(1, 3, 4)[0]]]
     ids = torch.stack([torch.cat(row) for row in docs])
     pos = torch.stack([torch.cat([torch.arange(len(d)) for d in row]) for row in docs])

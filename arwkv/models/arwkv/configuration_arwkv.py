@@ -46,6 +46,10 @@ class ArwkvConfig(PreTrainedConfig):
         rkv_bias / output_bias: biases on receptance/key/value and on output (copied from Qwen2 / Llama).
         lora_ranks: {"w","a","v","g"} -> rank; missing keys use the size-based default of RWKV-7.
         softmax_layers: layer indices that keep the teacher's softmax attention (hybrid).
+        local_window: > 0 keeps, inside every mixer, the teacher's attention over the last `local_window`
+            positions plus the first `local_sinks` tokens, and adds the RWKV output to it through a gain
+            that starts at 0 (the untrained student is then the sliding-window baseline). 0 = pure RWKV-7.
+        local_sinks: attention sinks of that local branch.
         wkv_backend: "auto" (fla on CUDA when importable, else chunked), "chunked" or "fla".
         wkv_chunk_size: chunk length of the pure-PyTorch WKV kernel.
     """
@@ -67,6 +71,8 @@ class ArwkvConfig(PreTrainedConfig):
         output_bias: bool = False,
         lora_ranks: dict[str, int] | None = None,
         softmax_layers: list[int] | None = None,
+        local_window: int = 0,
+        local_sinks: int = 4,
         wkv_backend: str = "auto",
         wkv_chunk_size: int = 16,
         use_cache: bool = True,
@@ -91,6 +97,7 @@ class ArwkvConfig(PreTrainedConfig):
         self.output_bias = output_bias
         self.lora_ranks = dict(lora_ranks or {})
         self.softmax_layers = sorted(int(i) for i in (softmax_layers or []))
+        self.local_window, self.local_sinks = int(local_window), int(local_sinks)
         self.wkv_backend = wkv_backend
         self.wkv_chunk_size = wkv_chunk_size
         super().__init__(**kwargs)
@@ -113,6 +120,10 @@ class ArwkvConfig(PreTrainedConfig):
             raise ValueError(f"softmax_layers {bad} are outside the teacher's {n} layers.")
         if not 1 <= self.wkv_chunk_size <= 64:  # the chunked kernel's fp32 bound for RWKV-7's clamped decay
             raise ValueError(f"wkv_chunk_size must be in 1..64, got {self.wkv_chunk_size}.")
+        if self.local_window < 0 or self.local_sinks < 0:
+            raise ValueError(
+                f"local_window and local_sinks must be >= 0, got {self.local_window} and {self.local_sinks}."
+            )
         if self.mixer_expand < 1:
             raise ValueError(f"mixer_expand must be a positive integer, got {self.mixer_expand}.")
         dim = self.mixer_dim

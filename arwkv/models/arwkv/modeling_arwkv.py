@@ -2,8 +2,11 @@
 
 Everything except self-attention is the teacher's own module types (embeddings, RMSNorms, MLPs, final norm,
 lm_head, pre-norm residual wiring); layers listed in `config.softmax_layers` keep the teacher's attention.
+With `config.local_window` > 0 each mixer also keeps the teacher's attention over a short sliding window plus
+sinks, and adds the RWKV state's output to it (a hybrid with constant memory per sequence).
 Read top to bottom: the WKV kernel (copied from `arwkv/ops/wkv7/chunked.py`), the kernel seam `wkv7`, the
-token shift, `ArwkvTimeMix` (method.md §2), the decoder layer, the inference cache, model, causal LM.
+local attention (copied from `arwkv/ops/local_attention.py`), the token shift, `ArwkvTimeMix` (method.md §2),
+the decoder layer, the inference cache, model, causal LM.
 
 This file ships inside every saved checkpoint as remote code: it imports only torch and transformers
 (fla optionally, on CUDA).
@@ -11,6 +14,7 @@ This file ships inside every saved checkpoint as remote code: it imports only to
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import json
@@ -21,7 +25,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CONFIG_MAPPING, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    CONFIG_MAPPING,
+    AttentionInterface,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -415,6 +425,101 @@ def wkv7(r, w, k, v, a, b, initial_state, cu_seqlens, backend: str, chunk_size: 
 # Teacher modules
 
 
+# -----------------------------------------------------------------------------------------------------------
+# Local attention: the teacher's attention over a sliding window + sinks, beside the RWKV state
+# (`config.local_window`). The block between the markers is a verbatim copy of arwkv/ops/local_attention.py.
+
+# <local-attention>
+# Sink + sliding-window attention. Copied from arwkv/ops/local_attention.py into the student's modeling file.
+LOCAL_BLOCK = 256  # queries per block
+
+
+def allowed_keys(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_rank: torch.Tensor,
+    k_real: torch.Tensor,
+    window: int,
+    sinks: int,
+    q_seg: torch.Tensor | None = None,
+    k_seg: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, Q, K] bool mask. q_pos [Q], k_pos [K] (long); k_rank / k_real / k_seg [B, K]; q_seg [B, Q].
+
+    A key at the query's own position is always allowed, so a padding query never sees an empty row.
+    """
+    causal = k_pos[None, :] <= q_pos[:, None]
+    recent = (q_pos[:, None] - k_pos[None, :]) < window
+    sink = (k_rank < sinks) & k_real
+    allowed = causal[None] & (recent[None] | sink[:, None, :]) & k_real[:, None, :]
+    if q_seg is not None and k_seg is not None:
+        allowed = allowed & (q_seg[:, :, None] == k_seg[:, None, :])
+    return allowed | (k_pos[None, :] == q_pos[:, None])[None]
+
+
+def sink_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_rank: torch.Tensor,
+    k_real: torch.Tensor,
+    window: int,
+    sinks: int,
+    scale: float | None = None,
+    q_seg: torch.Tensor | None = None,
+    k_seg: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [B, Hq, T, D]; k, v [B, Hkv, S, D] (GQA: Hq a multiple of Hkv); q_pos increasing -> [B, Hq, T, D]"""
+    T = q.shape[2]
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    any_sink = ((k_rank < sinks) & k_real).any(0)  # [S]: a sink of some row
+    out = q.new_empty(q.shape)
+    for q0 in range(0, T, LOCAL_BLOCK):
+        q1 = min(q0 + LOCAL_BLOCK, T)
+        lo, hi = q_pos[q0] - window + 1, q_pos[q1 - 1]
+        keys = (((k_pos >= lo) | any_sink) & (k_pos <= hi)).nonzero().squeeze(-1)
+        mask = allowed_keys(
+            q_pos[q0:q1],
+            k_pos[keys],
+            k_rank[:, keys],
+            k_real[:, keys],
+            window,
+            sinks,
+            q_seg[:, q0:q1] if q_seg is not None else None,
+            k_seg[:, keys] if k_seg is not None else None,
+        )
+        out[:, :, q0:q1] = F.scaled_dot_product_attention(
+            q[:, :, q0:q1], k[:, :, keys], v[:, :, keys], attn_mask=mask[:, None], scale=scale
+        )
+    return out
+
+
+# </local-attention>
+
+
+LOCAL_ATTENTION = "arwkv_local_window"  # attention-interface name the mixers' local branch dispatches to
+
+
+def _local_attention_interface(module, query, key, value, attention_mask, scaling=None, local=None, **kwargs):
+    """transformers attention-interface entry: the teacher's attention module calls it with its q/k/v after
+    RoPE; the mixer passes the key positions / ranks / segments in `local` (the 4D mask is unused)."""
+    window = module.local_window
+    if kwargs.get("sliding_window"):  # a teacher that already slides (Mistral) keeps the tighter window
+        window = min(window, int(kwargs["sliding_window"]))
+    out = sink_window_attention(
+        query, key, value, window=window, sinks=module.local_sinks, scale=scaling, **local
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(LOCAL_ATTENTION, _local_attention_interface)
+
+
 def teacher_config_from_dict(teacher_config: dict[str, Any]) -> PreTrainedConfig:
     """The teacher's config object from its `to_dict()`."""
     model_type = teacher_config.get("model_type")
@@ -518,7 +623,13 @@ class ArwkvTimeMix(nn.Module):
     split into H = D / N WKV heads of size N. Parameter names follow the published ARWKV checkpoints.
     """
 
-    def __init__(self, config: ArwkvConfig, layer_idx: int, norm_class: type[nn.Module] | None = None):
+    def __init__(
+        self,
+        config: ArwkvConfig,
+        layer_idx: int,
+        norm_class: type[nn.Module] | None = None,
+        local_attention: nn.Module | None = None,
+    ):
         super().__init__()
         C, D, N = config.hidden_size, config.mixer_dim, config.wkv_head_size
         self.layer_idx, self.num_layers = layer_idx, config.num_hidden_layers
@@ -563,6 +674,11 @@ class ArwkvTimeMix(nn.Module):
             self.k_norm = norm_class(self.teacher_head_dim, eps=eps)
         else:
             self.r_norm = self.k_norm = None
+        # Local branch (config.local_window): the teacher's attention over window + sinks; the RWKV output is
+        # added to it through a per-channel gain that starts at 0: the untrained hybrid is the SWA baseline.
+        self.local_attn = local_attention
+        if local_attention is not None:
+            self.state_gain = nn.Parameter(torch.zeros(C))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -609,6 +725,8 @@ class ArwkvTimeMix(nn.Module):
         for norm in (self.r_norm, self.k_norm):
             if norm is not None:
                 _init_copy(norm.weight, 1.0)
+        if self.local_attn is not None:
+            _init_copy(self.state_gain, 0.0)
 
     def _per_teacher_head(self, fn, x: torch.Tensor) -> torch.Tensor:
         # q/k norms and RoPE act on the teacher's head layout, whatever the WKV head size
@@ -622,6 +740,7 @@ class ArwkvTimeMix(nn.Module):
         layer_state: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
         cu_seqlens: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        local_state: LocalWindowState | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, torch.Tensor]]:
         """Mix [B, T, C] -> [B, T, C].
 
@@ -629,7 +748,8 @@ class ArwkvTimeMix(nn.Module):
         attention_mask: [B, T], 1 = token, 0 = padding (padding leaves the state and the shift untouched).
         layer_state: (shift [B, C], wkv [B, H, N, N] fp32) carried from earlier tokens; None = fresh.
         cu_seqlens: int64 [S + 1] offsets of packed sequences (B = 1); states then have S rows.
-        position_embeddings: the teacher's (cos, sin), needed when use_rope.
+        position_embeddings: the teacher's (cos, sin), needed when use_rope or with a local branch.
+        local_state: the local branch's keys/values from earlier tokens (generation); None = fresh.
         Returns (output, v_first, (shift, wkv)) — gradients flow through v_first (not detached).
         """
         x = hidden_states
@@ -683,7 +803,43 @@ class ArwkvTimeMix(nn.Module):
         o = o + bonus.reshape(B, T, -1)
         if hasattr(self, "g1"):
             o = o * (torch.sigmoid(xg @ self.g1) @ self.g2)
-        return self.output(o), v_first, (new_shift, new_wkv)
+        out = self.output(o)
+        if self.local_attn is not None:
+            local = self._local(x, mask, cu_seqlens, position_embeddings, local_state)
+            out = local + out * self.state_gain
+        return out, v_first, (new_shift, new_wkv)
+
+    def _local(
+        self, x, mask, cu_seqlens, position_embeddings, state: LocalWindowState | None
+    ) -> torch.Tensor:
+        """The teacher's attention over the last `local_window` positions + `local_sinks` first tokens."""
+        B, T, _ = x.shape
+        idx = torch.arange(T, device=x.device)
+        if cu_seqlens is not None:  # packed documents in one row: attend within each document only
+            if state is not None:
+                raise ValueError(
+                    "packed documents cannot carry a local-window state; pass an attention_mask."
+                )
+            seg = (torch.searchsorted(cu_seqlens, idx, right=True) - 1)[None]
+            rank = idx[None] - cu_seqlens[seg]
+            real = torch.ones(1, T, dtype=torch.bool, device=x.device)
+            spec = dict(q_pos=idx, k_pos=idx, k_rank=rank, k_real=real, q_seg=seg, k_seg=seg)
+        else:
+            real = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+            if state is None:
+                spec = dict(q_pos=idx, k_pos=idx, k_rank=real.long().cumsum(-1) - 1, k_real=real)
+            else:
+                spec = state.extend(real)
+        out, _ = self.local_attn(
+            hidden_states=x,
+            position_embeddings=position_embeddings,
+            attention_mask=None,
+            cache=state,
+            local=spec,
+        )
+        if state is not None:
+            state.crop()
+        return out
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -703,7 +859,13 @@ class ArwkvDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = modules.norm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = modules.mlp(teacher_config)
         if self.is_rwkv:
-            self.self_attn = ArwkvTimeMix(config, layer_idx, modules.norm)
+            local = None
+            if config.local_window:
+                local_config = copy.copy(teacher_config)
+                local_config._attn_implementation = LOCAL_ATTENTION
+                local = modules.attention(local_config, layer_idx)
+                local.local_window, local.local_sinks = config.local_window, config.local_sinks
+            self.self_attn = ArwkvTimeMix(config, layer_idx, modules.norm, local)
         else:
             self.self_attn = modules.attention(teacher_config, layer_idx)
         layer_types = getattr(teacher_config, "layer_types", None)
@@ -730,7 +892,9 @@ class ArwkvDecoderLayer(GradientCheckpointingLayer):
         x = self.input_layernorm(hidden_states)
         if self.is_rwkv:
             B, T, C = x.shape
-            layer_state = cache.layers[self.layer_idx].get_state() if cache is not None else None
+            state_layer = cache.layers[self.layer_idx] if cache is not None else None
+            layer_state = state_layer.get_state() if state_layer is not None else None
+            local_state = state_layer.local if state_layer is not None else None
             if cu_seqlens is not None:  # packed documents: one row, one sequence per document
                 x = x.reshape(1, B * T, C)
                 if position_embeddings is not None:
@@ -738,7 +902,7 @@ class ArwkvDecoderLayer(GradientCheckpointingLayer):
                         t.expand(B, T, -1).reshape(1, B * T, -1) for t in position_embeddings
                     )
             out, v_first, (shift, wkv) = self.self_attn(
-                x, v_first, rwkv_mask, layer_state, cu_seqlens, position_embeddings
+                x, v_first, rwkv_mask, layer_state, cu_seqlens, position_embeddings, local_state
             )
             out = out.view(B, T, C)
             if cache is not None:
@@ -764,17 +928,77 @@ class ArwkvDecoderLayer(GradientCheckpointingLayer):
 # Inference state
 
 
+class LocalWindowState:
+    """The local branch's keys and values: each row's first `sinks` real tokens and the last `window`
+    positions, so its size stays constant however long the sequence. The teacher's attention module calls
+    `update` (the Cache protocol); the mixer calls `extend` before and `crop` after it."""
+
+    TENSORS = ("keys", "values", "rank", "real", "num_real")  # batch-first; `pos` is shared by the rows
+
+    def __init__(self, window: int, sinks: int) -> None:
+        self.window, self.sinks = window, sinks
+        self.keys = self.values = None  # [B, Hkv, S, D] after RoPE
+        self.pos: torch.Tensor | None = None  # [S] position of each kept key
+        self.rank: torch.Tensor | None = None  # [B, S] index among the row's real tokens
+        self.real: torch.Tensor | None = None  # [B, S] not padding
+        self.num_real: torch.Tensor | None = None  # [B] real tokens seen
+        self.next_pos = 0
+
+    def extend(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Positions of the kept + new keys for new tokens with padding mask `real` [B, T]."""
+        B, T = real.shape
+        q_pos = torch.arange(self.next_pos, self.next_pos + T, device=real.device)
+        seen = self.num_real if self.num_real is not None else real.new_zeros(B, dtype=torch.long)
+        rank = seen[:, None] + real.long().cumsum(-1) - 1
+        if self.pos is not None:
+            k_pos, k_rank, k_real = (
+                torch.cat([self.pos, q_pos]),
+                torch.cat([self.rank, rank], 1),
+                torch.cat([self.real, real], 1),
+            )
+        else:
+            k_pos, k_rank, k_real = q_pos, rank, real
+        self.pos, self.rank, self.real = k_pos, k_rank, k_real
+        self.num_real, self.next_pos = seen + real.long().sum(-1), self.next_pos + T
+        return dict(q_pos=q_pos, k_pos=k_pos, k_rank=k_rank, k_real=k_real)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int = 0, **kwargs: Any):
+        if self.keys is not None:
+            key, value = torch.cat([self.keys, key], 2), torch.cat([self.values, value], 2)
+        self.keys, self.values = key, value
+        return key, value
+
+    def crop(self) -> None:
+        """Drop keys no later token can attend to: keep sinks and the last `window` positions."""
+        keep = ((self.rank < self.sinks) & self.real).any(0) | (self.pos > self.next_pos - 1 - self.window)
+        if bool(keep.all()):
+            return
+        idx = keep.nonzero().squeeze(-1)
+        self.keys, self.values = self.keys[:, :, idx], self.values[:, :, idx]
+        self.pos, self.rank, self.real = self.pos[idx], self.rank[:, idx], self.real[:, idx]
+
+    def apply(self, fn) -> None:
+        for name in self.TENSORS:
+            t = getattr(self, name)
+            setattr(self, name, fn(t) if t is not None else None)
+
+    def reset(self) -> None:
+        self.__init__(self.window, self.sinks)
+
+
 class ArwkvStateLayer:
-    """One RWKV layer's state: token-shift vector [B, C] (model dtype) and WKV state [B, H, N, N] fp32."""
+    """One RWKV layer's state: token-shift vector [B, C] (model dtype) and WKV state [B, H, N, N] fp32, plus
+    the local branch's window of keys/values when the mixer has one."""
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self) -> None:
+    def __init__(self, local_window: int = 0, local_sinks: int = 0) -> None:
         self.shift: torch.Tensor | None = None
         self.wkv: torch.Tensor | None = None
+        self.local = LocalWindowState(local_window, local_sinks) if local_window else None
 
     @property
     def is_initialized(self) -> bool:
@@ -789,9 +1013,13 @@ class ArwkvStateLayer:
     def _apply(self, fn) -> None:
         self.shift = fn(self.shift) if self.shift is not None else None
         self.wkv = fn(self.wkv) if self.wkv is not None else None
+        if self.local is not None:
+            self.local.apply(fn)
 
     def reset(self) -> None:
         self.shift = self.wkv = None
+        if self.local is not None:
+            self.local.reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -822,13 +1050,22 @@ class ArwkvCache(Cache):
     """
 
     def __init__(
-        self, config: ArwkvConfig | None = None, *, num_layers: int | None = None, softmax_layers=()
+        self,
+        config: ArwkvConfig | None = None,
+        *,
+        num_layers: int | None = None,
+        softmax_layers=(),
+        local_window: int = 0,
+        local_sinks: int = 0,
     ):
         if config is not None:
             num_layers, softmax_layers = config.num_hidden_layers, config.softmax_layers
+            local_window, local_sinks = config.local_window, config.local_sinks
         self.softmax_layers = sorted(int(i) for i in softmax_layers)
+        self.local_window, self.local_sinks = int(local_window), int(local_sinks)
         layers = [
-            DynamicLayer() if i in self.softmax_layers else ArwkvStateLayer() for i in range(num_layers)
+            DynamicLayer() if i in self.softmax_layers else ArwkvStateLayer(local_window, local_sinks)
+            for i in range(num_layers)
         ]
         super().__init__(layers=layers)
         self.seen_tokens = 0
@@ -857,6 +1094,9 @@ class ArwkvCache(Cache):
                     tensors[f"layers.{i}.wkv"] = layer.wkv
                 if layer.shift is not None:
                     tensors[f"layers.{i}.shift"] = layer.shift
+                if layer.local is not None and layer.local.pos is not None:
+                    for name in (*LocalWindowState.TENSORS, "pos"):
+                        tensors[f"layers.{i}.local.{name}"] = getattr(layer.local, name)
             elif getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
                 tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = layer.keys, layer.values
         metadata = {
@@ -864,6 +1104,7 @@ class ArwkvCache(Cache):
             "seen_tokens": str(self.seen_tokens),
             "num_layers": str(len(self.layers)),
             "softmax_layers": json.dumps(self.softmax_layers),
+            "local": json.dumps([self.local_window, self.local_sinks]),
         }
         save_file(
             {k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(path), metadata=metadata
@@ -879,7 +1120,13 @@ class ArwkvCache(Cache):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         if meta.get("format") != "arwkv-cache-v1":
             raise ValueError(f"{path} is not an arwkv cache file (format {meta.get('format')!r}).")
-        cache = cls(num_layers=int(meta["num_layers"]), softmax_layers=json.loads(meta["softmax_layers"]))
+        window, sinks = json.loads(meta.get("local", "[0, 0]"))
+        cache = cls(
+            num_layers=int(meta["num_layers"]),
+            softmax_layers=json.loads(meta["softmax_layers"]),
+            local_window=window,
+            local_sinks=sinks,
+        )
         cache.seen_tokens = int(meta["seen_tokens"])
         move = lambda t: t.to(device) if device is not None else t
         for i, layer in enumerate(cache.layers):
@@ -889,6 +1136,10 @@ class ArwkvCache(Cache):
                     layer.set_state(
                         move(shift) if shift is not None else None, move(tensors[f"layers.{i}.wkv"])
                     )
+                if layer.local is not None and f"layers.{i}.local.pos" in tensors:
+                    for name in (*LocalWindowState.TENSORS, "pos"):
+                        setattr(layer.local, name, move(tensors[f"layers.{i}.local.{name}"]))
+                    layer.local.next_pos = cache.seen_tokens
             elif f"layers.{i}.keys" in tensors:
                 layer.update(move(tensors[f"layers.{i}.keys"]), move(tensors[f"layers.{i}.values"]))
         return cache
@@ -1007,7 +1258,9 @@ class ArwkvModel(ArwkvPreTrainedModel):
         if attention_mask is None and incoming_cache is None and T > 1:
             cu_seqlens, last_segment = packed_sequences(position_ids.expand(B, -1))
         masks = self._softmax_masks(inputs_embeds, attention_mask, incoming_cache, position_ids)
-        needs_rope = bool(self.config.softmax_layers) or self.config.use_rope
+        needs_rope = (
+            bool(self.config.softmax_layers) or self.config.use_rope or bool(self.config.local_window)
+        )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if needs_rope else None
 
         hidden_states, v_first = inputs_embeds, None
@@ -1059,7 +1312,8 @@ class ArwkvModel(ArwkvPreTrainedModel):
         cu_seqlens = None
         if attention_mask is None:
             cu_seqlens, _ = packed_sequences(position_ids.expand(B, -1))
-        pe = self.rotary_emb(layer_inputs[first], position_ids) if self.config.use_rope else None
+        needs_rope = self.config.use_rope or bool(self.config.local_window)
+        pe = self.rotary_emb(layer_inputs[first], position_ids) if needs_rope else None
         if cu_seqlens is not None and pe is not None:
             pe = tuple(t.expand(B, T, -1).reshape(1, B * T, -1) for t in pe)
         mask = attention_mask.bool() if attention_mask is not None else None
