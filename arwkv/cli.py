@@ -5,6 +5,7 @@
     arwkv generate PATH [PROMPT]                           sample from a student (or any teacher), streamed
     arwkv chat PATH                                        multi-turn chat with the tokenizer's template
     arwkv eval ...                                         benchmark tasks (arwkv.eval)
+    arwkv export RUN --to gguf|rwkv_hybrid|hf OUT          a student for llama.cpp / ARWKV / transformers
 
 The same command runs under `torchrun --nproc-per-node N -m arwkv ...` or `accelerate launch -m arwkv ...`.
 """
@@ -26,6 +27,7 @@ EXAMPLES = """examples:
   arwkv distill --from runs/stories260k/align distill.lr=5e-4
   arwkv generate runs/stories260k/final --max-new-tokens 64
   arwkv chat runs/smollm2-135m/final
+  arwkv export runs/smollm2-135m --to gguf out/smollm2-rwkv-q8_0.gguf --dtype q8_0
 """
 
 
@@ -157,6 +159,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="the chat prompt both models answer")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "export",
+        help="write a student for llama.cpp (gguf), the published ARWKV format or transformers (hf)",
+        description="Export a run (its final/), a student folder or a published rwkv_hybrid folder to --to, "
+        "with its tokenizer and chat template, and check what was written against the student before it "
+        "replaces OUT. Every problem (layout, tokenizer, llama.cpp converter, OUT) is listed at once. With "
+        "--check nothing is written; SOURCE may then be a recipe (will its student export?). GGUF needs "
+        "ARWKV_LLAMACPP_DIR, a llama.cpp source checkout.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="run folder, student folder, or (with --check) a recipe")
+    p.add_argument("out", metavar="OUT", help="folder to write (the .gguf file for --to gguf)")
+    p.add_argument("--to", required=True, choices=("gguf", "rwkv_hybrid", "hf"))
+    p.add_argument("--dtype", default="f32", choices=("f32", "bf16", "f16", "q8_0"), help="q8_0: gguf only")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUT")
+    p.add_argument("--check", action="store_true", help="only report what would keep it from exporting")
+    p.add_argument(
+        "--tokenizer", metavar="DIR", help="tokenizer folder when SOURCE has none (gguf needs one)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override when SOURCE is a recipe, e.g. --set student.mixer.head_size=64",
+    )
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -432,6 +462,12 @@ def cmd_demo(args) -> int:
     prompt = args.prompt or DEFAULT_PROMPT
     run_demo(cfg, limit=args.limit or None, prompt=prompt, max_new_tokens=args.max_new_tokens)
     return 0
+
+
+def cmd_export(args) -> int:
+    from arwkv.recipes.export import cli_export
+
+    return cli_export(args)
 
 
 def main(argv: list[str] | None = None) -> int:

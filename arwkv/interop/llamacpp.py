@@ -23,8 +23,9 @@ from arwkv.interop.rwkv_hybrid import (
     LORA_RANKS,
     MIXER,
     HybridLayout,
-    export_problems,
+    LayoutProblem,
     export_rwkv_hybrid,
+    layout_problems,
     read_config,
     read_state_dict,
 )
@@ -39,14 +40,29 @@ LERP_ORDER = "rwkvag"  # order of the six token-shift mixes in time_mix_lerp_fus
 
 def llamacpp_problems(student: ArwkvForCausalLM) -> list[str]:
     """Everything that keeps llama.cpp's `arwkv7` from running this student exactly (empty = it fits)."""
-    problems = export_problems(student)
+    return [str(p) for p in llamacpp_layout_problems(student)]
+
+
+def llamacpp_layout_problems(student: ArwkvForCausalLM) -> list[LayoutProblem]:
+    """`llamacpp_problems` with the student option that avoids each one."""
+    problems = layout_problems(student)
     cfg = student.config
-    if cfg.softmax_layers:
+    if cfg.softmax_layers:  # supersedes the format's own softmax-layer problems
+        problems = [p for p in problems if "softmax_layers=[]" not in p.options]
         problems.append(
-            f"softmax_layers {cfg.softmax_layers}: llama.cpp's arwkv7 has RWKV mixers in every layer"
+            LayoutProblem(
+                f"softmax_layers {cfg.softmax_layers}: llama.cpp's arwkv7 has RWKV mixers in every layer",
+                ("softmax_layers=[]",),
+            )
         )
     if cfg.use_group_norm and abs(_student_gn_eps(cfg) - LLAMACPP_GN_EPS) > 1e-12:
-        problems.append(f"GroupNorm eps {_student_gn_eps(cfg):g}: llama.cpp fixes it at {LLAMACPP_GN_EPS:g}")
+        problems.append(
+            LayoutProblem(
+                f"GroupNorm eps {_student_gn_eps(cfg):g}: llama.cpp fixes it at {LLAMACPP_GN_EPS:g} "
+                "(1e-5 x head size 64)",
+                ("head_size=64",),
+            )
+        )
     return problems
 
 
@@ -55,15 +71,36 @@ def _student_gn_eps(cfg: Any) -> float:
     return float(eps) if eps is not None else 1e-5 * cfg.wkv_head_size
 
 
-def export_for_llamacpp(student: ArwkvForCausalLM, out: str | Path, tokenizer: Any) -> Path:
+def export_for_llamacpp(
+    student: ArwkvForCausalLM, out: str | Path, tokenizer: Any, dtype: torch.dtype | None = None
+) -> Path:
     """Write `out` so that `convert_hf_to_gguf.py out` makes an `arwkv7` GGUF: the rwkv_hybrid export plus the
-    tokenizer (a directory holding tokenizer files, or a transformers tokenizer)."""
+    tokenizer (a directory holding tokenizer files, or a transformers tokenizer), weights in `dtype`."""
     problems = llamacpp_problems(student)
     if problems:
         raise CheckpointError(
             "this student cannot be exported for llama.cpp's arwkv7: " + "; ".join(problems)
         )
-    return export_rwkv_hybrid(student, out, tokenizer=tokenizer, untie=True)  # arwkv7 requires output.weight
+    # arwkv7 requires output.weight even for tied embeddings
+    return export_rwkv_hybrid(student, out, tokenizer=tokenizer, untie=True, dtype=dtype)
+
+
+CONVERTER = "convert_hf_to_gguf.py"
+CONVERTER_HINT = (
+    "set ARWKV_LLAMACPP_DIR to a llama.cpp source checkout, e.g. "
+    "git clone --depth 1 https://github.com/ggml-org/llama.cpp"
+)
+
+
+def find_converter(llamacpp_dir: str | Path | None = None) -> Path:
+    """llama.cpp's `convert_hf_to_gguf.py` in `llamacpp_dir` or `$ARWKV_LLAMACPP_DIR`; a one-line error when
+    absent."""
+    where = str(llamacpp_dir or os.environ.get("ARWKV_LLAMACPP_DIR", ""))
+    script = Path(where) / CONVERTER
+    if not where or not script.is_file():
+        why = f"no {CONVERTER} in {where}" if where else "ARWKV_LLAMACPP_DIR is not set"
+        raise ArwkvError(f"llama.cpp's converter was not found ({why}): {CONVERTER_HINT}")
+    return script
 
 
 def convert_to_gguf(
@@ -74,15 +111,9 @@ def convert_to_gguf(
     timeout: float = 900,
 ) -> Path:
     """Run llama.cpp's `convert_hf_to_gguf.py` (from `llamacpp_dir` or `$ARWKV_LLAMACPP_DIR`) on `src`."""
-    root = Path(llamacpp_dir or os.environ.get("ARWKV_LLAMACPP_DIR", ""))
-    script = root / "convert_hf_to_gguf.py"
-    if not script.is_file():
-        raise ArwkvError(
-            f"no convert_hf_to_gguf.py in {str(root) or '(unset)'}: pass llamacpp_dir or set "
-            "ARWKV_LLAMACPP_DIR to a llama.cpp source checkout."
-        )
+    script = find_converter(llamacpp_dir)
     cmd = [sys.executable, str(script), str(src), "--outfile", str(outfile), "--outtype", outtype]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=script.parent, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not Path(outfile).is_file():
         raise ArwkvError(f"llama.cpp's converter failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return Path(outfile)

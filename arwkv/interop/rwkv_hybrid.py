@@ -4,7 +4,8 @@ export a student to it.
 The format (shared/docs/interop-rwkv_hybrid.md) is a Qwen2 checkpoint whose `wkv_layers` carry an RWKV-7
 mixer under `model.layers.{i}.self_attn.time_mixer.*`, head size 64 and LoRA ranks 64/64/32/128 (fixed by
 the published modeling code). The student keeps the teacher's names with its mixer at `self_attn`, so the key
-map is "drop `time_mixer.`"; only the shapes of the (1,1,C) vectors differ.
+map is "drop `time_mixer.`"; only the shapes of the (1,1,C) vectors differ. A student whose LoRA ranks are
+smaller than the format's is exported with zero-padded LoRAs, which compute the same function (`pad_lora`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MODEL_TYPE = "rwkv_hybrid"
 ARCHITECTURE = "RwkvHybridForCausalLM"
 HEAD_SIZE = 64
 LORA_RANKS = {"w": 64, "a": 64, "v": 32, "g": 128}  # hard-coded in the published modeling code
+LORA_NAMES = tuple(f"{m}{i}" for m in LORA_RANKS for i in (1, 2))
 MIXER = "self_attn.time_mixer."
 # Qwen2 fields copied between the hybrid config and the student's teacher_config.
 QWEN2_FIELDS = (
@@ -423,55 +425,109 @@ def _dtype(name: Any) -> torch.dtype | None:
     return getattr(torch, str(name), None) if name else None
 
 
+@dataclass(frozen=True)
+class LayoutProblem:
+    """One way a student's layout does not fit an export format: what, and the student options that avoid it
+    (ArwkvConfig keywords such as "head_size=64"; none when it is the teacher's, not a choice)."""
+
+    what: str
+    options: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.what} [avoid with {' '.join(self.options)}]" if self.options else self.what
+
+
 def export_problems(student: ArwkvForCausalLM) -> list[str]:
-    """Each way the student's layout does not fit the published format (empty list = exportable exactly)."""
+    """Each way the student's layout does not fit the published format (empty list = exportable exactly).
+    LoRA ranks below the format's are not a problem: the export pads them with zeros (`pad_lora`)."""
+    return [str(p) for p in layout_problems(student)]
+
+
+def layout_problems(student: ArwkvForCausalLM) -> list[LayoutProblem]:
+    """`export_problems` with the student option that avoids each problem (for `arwkv export --check`)."""
     cfg = student.config
     t = cfg.teacher_config
     family = t.get("model_type")
+    P = LayoutProblem
     problems = []
     if family not in ("qwen2", "llama", "mistral", "qwen3"):
         problems.append(
-            f"teacher family {family!r}: the format is Qwen2 (Llama/Mistral/Qwen3 only without "
-            "softmax layers)"
+            P(
+                f"teacher family {family!r}: the format is Qwen2 (Llama/Mistral/Qwen3 only without "
+                "softmax layers)"
+            )
         )
     elif family != "qwen2" and cfg.softmax_layers:
         problems.append(
-            f"softmax_layers {cfg.softmax_layers} with a {family} teacher: the format's attention "
-            "layers are Qwen2 attention"
+            P(
+                f"softmax_layers {cfg.softmax_layers} with a {family} teacher: the format's attention "
+                "layers are Qwen2 attention",
+                ("softmax_layers=[]",),
+            )
         )
     if t.get("hidden_act", "silu") != "silu" or t.get("mlp_bias"):
         problems.append(
-            f"MLP with hidden_act {t.get('hidden_act')!r} / mlp_bias {t.get('mlp_bias')}: the format "
-            "uses Qwen2's SiLU MLP without biases"
+            P(
+                f"MLP with hidden_act {t.get('hidden_act')!r} / mlp_bias {t.get('mlp_bias')}: the format "
+                "uses Qwen2's SiLU MLP without biases"
+            )
         )
     if cfg.wkv_head_size != HEAD_SIZE:
-        problems.append(f"head size {cfg.wkv_head_size} (the format uses {HEAD_SIZE})")
+        problems.append(
+            P(f"head size {cfg.wkv_head_size} (the format uses {HEAD_SIZE})", (f"head_size={HEAD_SIZE}",))
+        )
     if cfg.mixer_dim != t["hidden_size"]:
-        problems.append(f"mixer width {cfg.mixer_dim} != hidden_size {t['hidden_size']}")
+        expand = getattr(cfg, "mixer_expand", 1)
+        fix = ("mixer_expand=1",) if expand != 1 else ()  # else the teacher's own attention width differs
+        problems.append(P(f"mixer width {cfg.mixer_dim} != hidden_size {t['hidden_size']}", fix))
     if cfg.rkv_bias or cfg.output_bias:
-        problems.append("biases on receptance/key/value/output (the format has none)")
+        problems.append(
+            P(
+                "biases on receptance/key/value/output (the format has none; copy init keeps a teacher's "
+                "q/k/v biases, so a Qwen2 teacher needs student.init=fresh for a bias-free student)",
+                ("rkv_bias=false", "output_bias=false"),
+            )
+        )
     if cfg.use_rope:
-        problems.append("RoPE on r/k (the format has none)")
+        problems.append(P("RoPE on r/k (the format has none)", ("use_rope=false",)))
     if cfg.use_qk_norm:
-        problems.append("RMSNorm on r/k (use_qk_norm; the format has none)")
+        problems.append(P("RMSNorm on r/k (use_qk_norm; the format has none)", ("use_qk_norm=false",)))
     if getattr(cfg, "gate_bias_one", False):
-        problems.append("gate 1 + sigmoid(x g1) g2 (the published inference code computes sigmoid(x g1) g2)")
+        problems.append(
+            P(
+                "gate 1 + sigmoid(x g1) g2 (the published inference code computes sigmoid(x g1) g2)",
+                ("gate_bias_one=false",),
+            )
+        )
     if getattr(cfg, "use_value_residual", True) is False:
-        problems.append("no value residual (the format always mixes in v_first)")
+        problems.append(
+            P("no value residual (the format always mixes in v_first)", ("use_value_residual=true",))
+        )
     if getattr(cfg, "local_window", 0):
         problems.append(
-            f"local_window {cfg.local_window}: the format's RWKV layers have no local softmax branch"
+            P(
+                f"local_window {cfg.local_window}: the format's RWKV layers have no local softmax branch",
+                ("local_window=0",),
+            )
         )
     if cfg.softmax_layers and 0 in cfg.softmax_layers:
-        problems.append("layer 0 is softmax attention (the format takes v_first from an RWKV layer 0)")
-    ranks = _student_ranks(student)
+        problems.append(
+            P(
+                "layer 0 is softmax attention (the format takes v_first from an RWKV layer 0)",
+                (f"softmax_layers={[i for i in cfg.softmax_layers if i != 0]}",),
+            )
+        )
+    ranks = student_ranks(student)
     want = {k: v for k, v in LORA_RANKS.items() if k != "g" or cfg.use_gate}
-    if ranks != want:
-        problems.append(f"LoRA ranks {ranks} (the format fixes {want})")
+    too_big = {k: r for k, r in ranks.items() if k in want and r > want[k]}
+    if too_big or set(ranks) != set(want):
+        fix = ("lora_ranks={" + ", ".join(f"{k}: {v}" for k, v in want.items()) + "}",)
+        what = f"LoRA ranks {ranks} (the format fixes {want}; smaller ranks are zero-padded, larger are not)"
+        problems.append(P(what, fix))
     return problems
 
 
-def _student_ranks(student: ArwkvForCausalLM) -> dict[str, int]:
+def student_ranks(student: ArwkvForCausalLM) -> dict[str, int]:
     """LoRA ranks read from the first RWKV layer's weights (the config may leave them to size defaults)."""
     layer = student.config.rwkv_layers[0]
     sd = {
@@ -526,8 +582,9 @@ def export_rwkv_hybrid(
     """Write the student as a published-format (`rwkv_hybrid`) checkpoint: config.json + model.safetensors,
     plus the tokenizer when given (a folder with tokenizer files, or a transformers tokenizer).
 
-    Raises `CheckpointError` listing every way the layout does not fit (see `export_problems`). `untie` writes
-    `lm_head.weight` even for tied embeddings (llama.cpp's arwkv7 requires it)."""
+    Raises `CheckpointError` listing every way the layout does not fit (see `export_problems`); LoRA ranks
+    below the format's are zero-padded (`pad_lora`). `untie` writes `lm_head.weight` even for tied embeddings
+    (llama.cpp's arwkv7 requires it)."""
     from safetensors.torch import save_file
 
     problems = export_problems(student)
@@ -560,6 +617,8 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
     "tokenizer.model",
+    "chat_template.jinja",  # recent transformers save the chat template here, not in tokenizer_config
+    "chat_template.json",
 )
 
 
@@ -579,7 +638,7 @@ def save_tokenizer(tokenizer: Any, out: Path) -> None:
 def check_vocab(out: Path, vocab_size: int) -> None:
     """Every token id of the tokenizer in `out` must have a row in the embedding (llama.cpp's converter
     asserts it too)."""
-    top = _max_token_id(out)
+    top = max_token_id(out)
     if top >= vocab_size:
         raise CheckpointError(
             f"the tokenizer has token id {top}, but the model's vocab_size is {vocab_size}: pass the "
@@ -587,7 +646,7 @@ def check_vocab(out: Path, vocab_size: int) -> None:
         )
 
 
-def _max_token_id(out: Path) -> int:
+def max_token_id(out: Path) -> int:
     tj = out / "tokenizer.json"
     if tj.is_file():  # a JSON read is seconds faster than building the tokenizer
         data = json.loads(tj.read_text(encoding="utf-8"))
@@ -597,6 +656,26 @@ def _max_token_id(out: Path) -> int:
     from transformers import AutoTokenizer
 
     return max(AutoTokenizer.from_pretrained(out).get_vocab().values())
+
+
+def pad_lora(value: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """A rank-r LoRA factor as the rank-R one of the same product (R >= r): the first factor (C, r) gets
+    zero columns, the second (r, D) zero rows. Exact for each RWKV-7 LoRA: the zero columns of w1/a1/v1/g1 add
+    zero entries to x @ first; w = tanh(.) @ w2 turns them into tanh(0) = 0 and the linear a, v LoRAs keep 0,
+    but the gate g = sigmoid(.) @ g2 turns them into sigmoid(0) = 1/2, so it is the zero rows of the second
+    factor that make every padded product exact."""
+    shape = tuple(shape)
+    if tuple(value.shape) == shape or value.dim() != 2 or len(shape) != 2:
+        return value
+    first = name.endswith("1")
+    keep, grow = (0, 1) if first else (1, 0)  # w1 (C, r): the columns grow; w2 (r, D): the rows
+    if value.shape[keep] != shape[keep] or value.shape[grow] > shape[grow]:
+        raise CheckpointError(
+            f"{name}: LoRA factor {tuple(value.shape)} cannot be zero-padded to the format's {shape}."
+        )
+    out = value.new_zeros(shape)
+    out[: value.shape[0], : value.shape[1]] = value
+    return out
 
 
 def _hybrid_tensors(student: ArwkvForCausalLM, layout: HybridLayout) -> dict[str, torch.Tensor]:
@@ -610,7 +689,10 @@ def _hybrid_tensors(student: ArwkvForCausalLM, layout: HybridLayout) -> dict[str
             continue  # the published gate-free mixer has no x_g
         if name not in shapes:
             raise CheckpointError(f"the student's {key} has no place in the rwkv_hybrid format.")
-        sd[name] = _fit(value.detach(), shapes[name], key)
+        value = value.detach()
+        if MIXER in name and name.rsplit(".", 1)[-1] in LORA_NAMES:
+            value = pad_lora(value, shapes[name], key)
+        sd[name] = _fit(value, shapes[name], key)
     if layout.tie:
         sd.pop("lm_head.weight", None)  # transformers re-ties it on load
     else:

@@ -28,7 +28,9 @@ QWEN_VOCAB = 151936  # Qwen2.5's padded vocabulary: every id of the shared token
 LLAMACPP = Path(os.environ.get("ARWKV_LLAMACPP_DIR", ""))
 
 
-def _student(gate: bool, group_norm: bool, softmax_layers=None, seed: int = 0) -> ArwkvForCausalLM:
+def _student(
+    gate: bool, group_norm: bool, softmax_layers=None, seed: int = 0, ranks: dict | None = None
+) -> ArwkvForCausalLM:
     from transformers import Qwen2Config
 
     teacher = Qwen2Config(
@@ -47,7 +49,7 @@ def _student(gate: bool, group_norm: bool, softmax_layers=None, seed: int = 0) -
         head_size=64,
         use_gate=gate,
         use_group_norm=group_norm,
-        lora_ranks={"w": 64, "a": 64, "v": 32, "g": 128},
+        lora_ranks=ranks or {"w": 64, "a": 64, "v": 32, "g": 128},
         softmax_layers=softmax_layers,
     )
     torch.manual_seed(seed)
@@ -69,15 +71,23 @@ needs_llamacpp = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module", params=[(True, True), (False, False)], ids=["gated+gn", "free"])
+# "padded": RWKV-7's size-based ranks for C = 64 (32 each), zero-padded to llama.cpp's 64/64/32/128 on export
+PADDED = {"w": 32, "a": 32, "v": 32, "g": 32}
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(True, True, None), (False, False, None), (True, True, PADDED)],
+    ids=["gated+gn", "free", "padded"],
+)
 def converted(request, tmp_path_factory):
     """(student, GGUF file, its check report) for one mixer layout; converted once per module."""
     shared = Path(os.environ.get("ARWKV_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
     if not (shared / "assets" / "qwen2-tokenizer").is_dir():
         pytest.skip(f"the Qwen2 tokenizer is not at {shared}/assets/qwen2-tokenizer (set ARWKV_SHARED)")
-    gate, group_norm = request.param
+    gate, group_norm, ranks = request.param
     tmp = tmp_path_factory.mktemp("llamacpp")
-    student = _student(gate, group_norm)
+    student = _student(gate, group_norm, ranks=ranks)
     export = export_for_llamacpp(student, tmp / "export", _tokenizer(shared))
     gguf = convert_to_gguf(export, tmp / "model.gguf", LLAMACPP, outtype="f32")
     return student, gguf, check_gguf(gguf, source=export)

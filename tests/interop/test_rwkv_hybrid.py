@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hybrid_fixtures import (  # noqa: E402
+    RANKS,
     hybrid_config,
     make_hybrid,
     reference_logits,
@@ -25,6 +26,7 @@ from arwkv.interop.rwkv_hybrid import (  # noqa: E402
     load_any,
     load_rwkv_hybrid,
     read_state_dict,
+    student_ranks,
 )
 from arwkv.models.arwkv import ArwkvConfig, ArwkvForCausalLM  # noqa: E402
 
@@ -208,7 +210,7 @@ def test_llama_teacher_with_tied_embeddings_exports(tmp_path: Path) -> None:
 def test_export_names_everything_that_does_not_fit(tmp_path: Path) -> None:
     student = _student(
         head_size=32,
-        lora_ranks={"w": 32, "a": 64, "v": 32, "g": 128},
+        lora_ranks={"w": 96, "a": 64, "v": 32, "g": 128},  # w above the format's 64: no padding helps
         rkv_bias=True,
         use_rope=True,
         softmax_layers=[0],
@@ -228,6 +230,43 @@ def test_export_names_everything_that_does_not_fit(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not fit the rwkv_hybrid format") as e:
         export_rwkv_hybrid(student, tmp_path)
     assert "head size 32" in str(e.value) and not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("gate", [True, False], ids=["gated", "gate-free"])
+def test_smaller_lora_ranks_export_zero_padded(tmp_path: Path, gate: bool) -> None:
+    """A rank-r LoRA is the rank-R one with zero columns/rows: the padded export's forward is the unpadded
+    student's, bit for bit in fp32 (w: tanh(0) = 0; a, v: linear; g: sigmoid(0) = 1/2 meets zero rows).
+    Bitwise also needs the CPU GEMM to sum x @ w1 in the same order at both widths: it does for ranks >= 16
+    here (RWKV-7's size-based ranks are >= 32), not for rank 8 (logits then within ~1e-5)."""
+    ranks = {"w": 32, "a": 16, "v": 16, "g": 64}
+    student = _student(lora_ranks=ranks, use_gate=gate, use_group_norm=True)
+    assert export_problems(student) == []
+    export_rwkv_hybrid(student, tmp_path / "padded")
+    sd = read_state_dict(tmp_path / "padded")
+    mix = "model.layers.1.self_attn.time_mixer."
+    for m, r in ranks.items():
+        if m == "g" and not gate:
+            assert mix + "g1" not in sd
+            continue
+        first, second = sd[mix + f"{m}1"], sd[mix + f"{m}2"]
+        assert first.shape == (128, RANKS[m]) and second.shape == (RANKS[m], 128)
+        assert not first[:, r:].any() and not second[r:].any()
+        assert torch.equal(first[:, :r], getattr(student.model.layers[1].self_attn, f"{m}1"))
+    loaded = load_rwkv_hybrid(tmp_path / "padded")
+    assert student_ranks(loaded) == {k: v for k, v in RANKS.items() if gate or k != "g"}
+    assert torch.equal(_logits(loaded, IDS), _logits(student, IDS))
+    if gate:  # the zero rows of g2 carry the proof: sigmoid(0) = 1/2 times anything else moves the logits
+        with torch.no_grad():
+            loaded.model.layers[1].self_attn.g2[64:] = 0.1
+        assert not torch.allclose(_logits(loaded, IDS), _logits(student, IDS))
+
+
+def test_larger_lora_ranks_are_refused(tmp_path: Path) -> None:
+    student = _student(lora_ranks={"w": 64, "a": 64, "v": 48, "g": 128})
+    (problem,) = export_problems(student)
+    assert "LoRA ranks" in problem and "larger are not" in problem and "lora_ranks=" in problem
+    with pytest.raises(CheckpointError, match="LoRA ranks"):
+        export_rwkv_hybrid(student, tmp_path)
 
 
 def _write(tmp_path: Path, mutate=None, **cfg_kw) -> Path:
