@@ -225,6 +225,23 @@ def test_output_that_exists_is_refused_unless_overwrite(tmp_path) -> None:
         run_export(run, "hf", run / "final", overwrite=True)
 
 
+def test_a_failed_check_keeps_the_earlier_export(tmp_path, monkeypatch) -> None:
+    import arwkv.recipes.export as export
+
+    run = save_run(tmp_path, smol_student(), tokenizer=True)
+    out = tmp_path / "out"
+    run_export(run, "hf", out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def broken(*args, **kwargs):
+        raise CheckpointError("hf: reloaded logits differ from the student's")
+
+    monkeypatch.setattr(export, "_same_logits", broken)
+    with pytest.raises(CheckpointError, match="reloaded logits differ"):
+        run_export(run, "hf", out, "bf16", overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before and not list(tmp_path.glob(".out*"))
+
+
 def test_missing_converter_is_one_line(tmp_path, capsys) -> None:
     run = save_run(tmp_path, smol_student(), tokenizer=True)
     with pytest.raises(ConfigError) as e:
