@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -254,16 +255,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             f = float(str(value).replace("_", ""))
         except ValueError:
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if f != int(f):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not math.isfinite(f) or f != int(f):
+            raise ConfigError(f"{key}: expected a finite integer, got {value!r}")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(str(value).replace("_", ""))
+            f = float(str(value).replace("_", ""))
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):  # nan / inf / 1e400 never make a useful setting
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -386,6 +390,14 @@ def validate(cfg: RecipeConfig) -> None:
             raise ConfigError(f"{stage}: need 0 ≤ min_lr ≤ lr and lr > 0 (lr={s.lr}, min_lr={s.min_lr})")
         if len(s.betas) != 2:
             raise ConfigError(f"{stage}.betas needs two numbers, got {s.betas}")
+        for name in ("warmup_steps", "max_steps", "clip", "weight_decay"):
+            if getattr(s, name) < 0:
+                raise ConfigError(f"{stage}.{name} must be ≥ 0 (got {getattr(s, name)})")
+        if s.kl_temperature <= 0:
+            raise ConfigError(
+                f"{stage}.kl_temperature must be > 0 (got {s.kl_temperature}): it divides the logits; "
+                "1 is the usual value"
+            )
         bad = set(s.freeze) - set(FREEZABLE)
         if bad:
             raise ConfigError(
@@ -451,9 +463,14 @@ def from_dict(data: dict[str, Any]) -> RecipeConfig:
     return cfg
 
 
+def config_text(cfg: RecipeConfig) -> str:
+    """The resolved recipe as YAML (what config.yaml and every checkpoint hold)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: RecipeConfig, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_text(cfg))
 
 
 def all_keys() -> list[str]:

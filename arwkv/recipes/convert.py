@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from arwkv.config import STAGES, RecipeConfig, StageConfig, load_recipe, save_config, to_dict
+from arwkv.config import STAGES, RecipeConfig, StageConfig, config_text, load_recipe, to_dict
 from arwkv.errors import CheckpointError, ConfigError, DataError
 from arwkv.train import checkpoint as ckpt
 from arwkv.train.distributed import DistEnv, barrier, init_distributed
@@ -106,9 +106,9 @@ def load_student(
 
         return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).train()
     if (p / "checkpoints").is_dir():
-        latest = ckpt.latest_checkpoint(p / "checkpoints")
+        latest = ckpt.latest_intact_checkpoint(p / "checkpoints")
         if latest is None:
-            raise CheckpointError(f"{p} has no complete checkpoint")
+            raise CheckpointError(f"{p} has no complete, intact checkpoint")
         p = latest
     if not (p / "model.safetensors").is_file():
         raise CheckpointError(f"{path} is neither a saved student (config.json) nor a training checkpoint")
@@ -397,7 +397,7 @@ def _apply_budget(cfg, stages, summary, student, teacher, distill_teacher, data,
 
 def _stage_complete(cfg: RecipeConfig, stage: str, plan: dict) -> bool:
     """A finished stage whose last checkpoint already holds the planned tokens."""
-    last = ckpt.latest_checkpoint(cfg.run_dir / stage / "checkpoints")
+    last = ckpt.latest_intact_checkpoint(cfg.run_dir / stage / "checkpoints", warn=False)
     if last is None:
         return False
     state = json.loads((last / "trainer_state.json").read_text())
@@ -494,10 +494,19 @@ def _lock_run_dir(run_dir: Path):
     return f
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write `path` atomically (a crash leaves the old file or the new one, never half of it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    _write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def run(cfg: RecipeConfig, stages: list[str] | None = None, student_from: str | None = None) -> ConvertResult:
@@ -521,14 +530,15 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
     stages = [s for s in (stages or STAGES) if stages or getattr(cfg, s).enabled]
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    config_yaml = (run_dir / "config.yaml").read_text() if env.is_main else None
+    # config.yaml and summary["config"] change only once this run is accepted (after the data, the caches and
+    # the budget plan agreed with what the folder holds): a refused rerun leaves the run's record as it was
+    config_yaml = config_text(cfg)
     summary_path = run_dir / "summary.json"
     summary: dict[str, Any] = (
         json.loads(summary_path.read_text()) if cfg.resume and summary_path.is_file() else {}
     )
     summary.setdefault("stages", {})
-    summary["config"] = to_dict(cfg)
+    summary.setdefault("config", to_dict(cfg))
 
     _say(env, f"loading teacher {cfg.teacher.path}")
     teacher, tokenizer = load_teacher_model(
@@ -585,6 +595,10 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
         if env.is_main:
             _write_json(summary_path, summary)
 
+    summary["config"] = to_dict(cfg)  # accepted: record the settings this run trains with
+    if env.is_main:
+        _write_text(run_dir / "config.yaml", config_yaml)
+        _write_json(summary_path, summary)
     minutes_before, last_after = 0.0, summary["baselines"].get("student_init")
     for name in stages:
         scfg: StageConfig = getattr(cfg, name)

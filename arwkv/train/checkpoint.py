@@ -4,14 +4,14 @@ Layout of one checkpoint (`<dir>/step_000120/`):
     model.safetensors   full (unsharded) model state, shared tensors stored once
     optimizer.pt        optimizer state keyed by parameter name; scheduler state
     rank<r>.pt          per process: RNG states (python, numpy, torch, cuda) and the data iterator position
-    trainer_state.json  step, tokens, metrics history cursor; written last
+    trainer_state.json  step, tokens, metrics history cursor, size + CRC-32 of every other file; written last
     config.yaml         the resolved recipe (when given)
 
 A checkpoint is written to `.tmp-step_…`, every file is fsynced, the folder is renamed into place and the
-parent
-folder fsynced: a crash or a full disk leaves either the complete new checkpoint or none, and the previous
-one is
-never touched. Older checkpoints beyond `keep` are deleted only after the new one is in place.
+parent folder fsynced: a crash or a full disk (whatever exception the writer raises) leaves either the
+complete new checkpoint or none, and the previous one is never touched. Older checkpoints beyond `keep` are
+deleted only after the new one is in place. Resume verifies the checksums and falls back to the newest intact
+checkpoint, saying what was wrong with the newer ones.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import os
 import pickle
 import random
 import shutil
+import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,66 @@ def _write(path: Path, writer) -> None:
     """Write one file through `writer(path)` and fsync it. Tests monkeypatch this to simulate a full disk."""
     writer(path)
     _fsync_file(path)
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _file_records(folder: Path) -> dict[str, dict[str, int]]:
+    """Size and CRC-32 of every file of a checkpoint folder (what resume verifies)."""
+    return {
+        f.name: {"bytes": f.stat().st_size, "crc32": _crc32(f)}
+        for f in sorted(folder.iterdir())
+        if f.is_file()
+    }
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """What is wrong with a checkpoint folder (missing, truncated or altered file), or None when intact.
+
+    Checkpoints written before checksums existed are checked for readable state and model files only."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is unreadable ({type(e).__name__})"
+    files = state.get("files")
+    if files is None:
+        return None if (path / "model.safetensors").is_file() else "model.safetensors is missing"
+    for name, rec in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != rec["bytes"]:
+            return f"{name} has {f.stat().st_size:,} bytes, {rec['bytes']:,} were written"
+        if _crc32(f) != rec["crc32"]:
+            return f"{name} does not match its checksum (its bytes changed after it was written)"
+    return None
+
+
+def latest_intact_checkpoint(ckpt_dir: str | Path, warn: bool = True) -> Path | None:
+    """The newest checkpoint whose files match their checksums; each newer, damaged one is named on stderr."""
+    for p in reversed(list_checkpoints(ckpt_dir)):
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return p
+        if warn:
+            print(
+                f"[arwkv] warning: skipping checkpoint {p}: {problem}; trying an older one", file=sys.stderr
+            )
+    return None
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        return "free space unknown"
 
 
 def _dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -161,7 +223,7 @@ def save_checkpoint(
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
-    except OSError as e:
+    except Exception as e:  # a full disk is not always an OSError (torch's and safetensors' writers)
         error = e
     if not _all_ok(error is None):
         raise _error(ckpt_dir, step, error)
@@ -178,24 +240,24 @@ def save_checkpoint(
                 _write(tmp / "optimizer.pt", lambda p: torch.save(payload, p))
             if config_yaml is not None:
                 _write(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
-    except OSError as e:
+    except Exception as e:
         error = e
     wrote = _all_ok(error is None)
     if rank == 0 and wrote:
         try:
             state = {"step": step, "world_size": world, **(trainer_state or {})}
+            state["files"] = _file_records(tmp)
             _write(tmp / "trainer_state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
             _fsync_dir(tmp)
             if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(ckpt_dir)
-        except OSError as e:
+        except Exception as e:
             error = e
     ok = _all_ok(error is None)
     if not ok:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise _error(ckpt_dir, step, error)
     if rank == 0:
         for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
@@ -205,10 +267,11 @@ def save_checkpoint(
 
 def _error(ckpt_dir: Path, step: int, error: BaseException | None) -> CheckpointError:
     prev = latest_checkpoint(ckpt_dir)
-    why = f"{type(error).__name__}: {error}" if error else "another process failed to write its part"
+    first = str(error).strip().splitlines()[0][:200] if error and str(error).strip() else ""
+    why = f"{type(error).__name__}: {first}" if error else "another process failed to write its part"
     keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
     return CheckpointError(
-        f"could not write checkpoint step {step} in {ckpt_dir} ({why}); {keep}. "
+        f"could not write checkpoint step {step} in {ckpt_dir} ({why}; {_free_space(ckpt_dir)}); {keep}. "
         "Free disk space (or point out_dir elsewhere) and resume."
     )
 

@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -207,13 +208,16 @@ def train(
     if not resume and env.is_main and ckpt_dir.is_dir():
         shutil.rmtree(ckpt_dir)  # a fresh start: older, higher-numbered checkpoints would shadow the new ones
     barrier()
-    last = ckpt.latest_checkpoint(ckpt_dir) if resume else None
+    last = ckpt.latest_intact_checkpoint(ckpt_dir, warn=env.is_main) if resume else None
     if last is not None:
         state = ckpt.load_checkpoint(last, model, optimizer, scheduler)
         _set_base_lrs(optimizer, scheduler, bases)
         step, tokens, wall = state["step"], state["tokens"], state["wall_s"]
         if state["data"] is not None and hasattr(data, "load_state_dict"):
             data.load_state_dict(state["data"])
+        if env.is_main:
+            print(f"[arwkv] resuming {desc} at step {step} of {n_steps} ({last.name})", file=sys.stderr)
+    resumed_at = step if last is not None else None
     count_fn = getattr(task, "count", _default_count)
     logger = _Logger(run_dir, env.is_main, step)
     history: list[dict[str, Any]] = []
@@ -298,6 +302,12 @@ def train(
                         if not math.isfinite(loss_value)
                         else f"gradient norm became {grad_norm}"
                     )
+                    if step == resumed_at:  # the very first step after a resume: suspect the checkpoint
+                        raise TrainingDivergedError(
+                            f"{desc}: the {bad} at the first step after resuming from {last}: unless the "
+                            "settings changed since it was saved, that checkpoint is damaged. Move it out of "
+                            "the checkpoints folder and rerun to resume from the one before it."
+                        )
                     raise TrainingDivergedError(
                         f"{desc}: the {bad} at step {step + 1} (lr {optimizer.param_groups[0]['lr']:.3g}). "
                         f"The last good state is saved in {good}. Lower the learning rate ({desc}.lr=...) "

@@ -93,6 +93,24 @@ def test_bad_values_are_config_errors(override):
         load_recipe("stories260k", [override])
 
 
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("distill.tokens=nan", "finite integer"),
+        ("distill.tokens=inf", "finite integer"),
+        ("distill.tokens=1e400", "finite integer"),
+        ("align.lr=nan", "finite number"),
+        ("distill.lr=inf", "finite number"),
+        ("distill.kl_temperature=0", "kl_temperature must be > 0"),
+        ("align.warmup_steps=-3", "warmup_steps must be ≥ 0"),
+        ("distill.clip=-1", "clip must be ≥ 0"),
+    ],
+)
+def test_values_that_would_break_training_are_refused_up_front(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_recipe("stories260k", [override])
+
+
 def test_unknown_recipe_name_lists_shipped():
     with pytest.raises(ConfigError, match="stories260k"):
         load_recipe("no-such-recipe")

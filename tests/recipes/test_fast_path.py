@@ -99,9 +99,13 @@ def test_budget_plans_tokens_resumes_and_extends(shared, tmp_path, capsys):
     assert longer["tokens"]["distill"] > plan["tokens"]["distill"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stages"]["distill"]["steps"] == -(-longer["tokens"]["distill"] // (8 * 64)) > steps
-    # shrinking is refused with one line
+    # shrinking is refused with one line, and the run's record keeps the settings it ran with
+    config_before = (run / "config.yaml").read_text()
+    recorded = json.loads((run / "summary.json").read_text())["config"]
     assert main([*base, "budget.minutes=0.02"]) != 0
     assert "can only be extended" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == config_before
+    assert json.loads((run / "summary.json").read_text())["config"] == recorded
 
 
 def test_a_second_writer_in_the_same_run_folder_is_refused(shared, tmp_path, capsys):
