@@ -190,8 +190,10 @@ class TeacherCache:
             for r in rows:
                 self.crc[r] = self._row_crc(int(r))
             _save_npy_atomically(self.folder / f"done-{self.rank}.npy", self.crc)
-        except OSError as e:
-            raise DataError(f"could not write the teacher cache {self.folder}: {e}") from e
+        except Exception as e:  # rows not recorded in done-<rank>.npy are recomputed by the next run
+            raise DataError(
+                f"could not write the teacher cache {self.folder}: {type(e).__name__}: {e}"
+            ) from e
 
 
 def _create(folder: Path, meta: dict[str, Any]) -> None:

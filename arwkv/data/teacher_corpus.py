@@ -445,11 +445,13 @@ def _save_atomically(path: Path, corpus: TeacherCorpus) -> None:
         tensors = {f: getattr(corpus, f).to(torch.int32).contiguous() for f in _FIELDS}
         save_file(tensors, tmp, metadata={"settings": json.dumps(corpus.meta)})
         os.replace(tmp, path)
-    except OSError as e:  # the samples are still good: carry on without a cache rather than lose them
+    except Exception as e:  # the samples are still good: carry on without a cache rather than lose them
+        # (a full disk arrives as safetensors' own error type, not only as OSError)
         Path(tmp).unlink(missing_ok=True)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         warnings.warn(
-            f"could not write the teacher corpus cache {path}: {e}; the next run will sample "
-            "again (free disk space, or set another cache_dir)",
+            f"could not write the teacher corpus cache {path} ({type(e).__name__}: {first}); the next run "
+            "will sample again (free disk space, or set another cache_dir)",
             stacklevel=3,
         )
 

@@ -129,3 +129,15 @@ def test_checkpoints_without_checksums_still_load(tmp_path):
     (path / "trainer_state.json").write_text(json.dumps(state))
     assert ckpt.checkpoint_problem(path) is None
     assert ckpt.load_checkpoint(path, model, opt)["step"] == 1
+
+
+def test_teacher_corpus_cache_on_a_full_disk_warns_and_leaves_nothing(tiny_fs):
+    from arwkv.data.teacher_corpus import TeacherCorpus, _save_atomically
+
+    n = 2048  # 2048 x 256 int32 = 2 MiB: does not fit the 1 MiB filesystem
+    ids = torch.ones(n, 256, dtype=torch.long)
+    lengths = torch.full((n,), 256)
+    corpus = TeacherCorpus(ids, ids[:4], lengths, lengths[:4], lengths * 0, lengths[:4] * 0, meta={"k": 1})
+    with pytest.warns(UserWarning, match="could not write the teacher corpus cache"):
+        _save_atomically(tiny_fs / "corpus.safetensors", corpus)
+    assert list(tiny_fs.iterdir()) == []  # no 0-byte or partial temp file
