@@ -315,7 +315,11 @@ class PackedCorpus:
 
     @property
     def base_fingerprint(self) -> str:
-        return self.meta["fingerprint"]
+        """What the underlying rows hold (a hash of their tokens and flags, not of file names or dates):
+        a teacher cache keyed on it survives a re-pack of the same text, e.g. after the files were copied."""
+        if not hasattr(self, "_content_hash"):
+            self._content_hash = _array_hash(np.asarray(self.tokens), np.asarray(self.flags))
+        return self._content_hash
 
     def tensors(self) -> dict[str, Tensor]:
         """Every row at once (small corpora, held-out sets)."""

@@ -167,6 +167,23 @@ def test_build_corpus_disk_cache(tmp_path, qwen):
     assert torch.equal(in_memory.tensors()["input_ids"], changed.tensors()["input_ids"])
 
 
+def test_content_fingerprint_survives_a_new_file_date(tmp_path, qwen):
+    # what a teacher cache keys on: the rows' content, so a copied or re-mounted file (new mtime, new pack)
+    # still finds the teacher outputs computed for the same tokens
+    import os
+
+    data = tmp_path / "d.txt"
+    data.write_text("<|endoftext|>".join(f"Story number {i} is short." for i in range(50)))
+    first = build_corpus(data, qwen, 16, cache_dir=tmp_path / "cache", progress=False)
+    os.utime(data, (1_000_000, 1_000_000))
+    repacked = build_corpus(data, qwen, 16, cache_dir=tmp_path / "cache", progress=False)
+    assert repacked.fingerprint != first.fingerprint  # the pack cache saw a changed file and re-packed
+    assert repacked.base_fingerprint == first.base_fingerprint
+    data.write_text("Something else entirely.")
+    other = build_corpus(data, qwen, 16, cache_dir=tmp_path / "cache", progress=False)
+    assert other.base_fingerprint != first.base_fingerprint
+
+
 def test_tokenizer_vocab_mismatch(qwen, shared):
     from arwkv.convert.llama2c import load_llama2c
 
