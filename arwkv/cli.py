@@ -327,6 +327,16 @@ class _IdStreamer:
         print(flush=True)
 
 
+def _check_generation_args(args) -> None:
+    """Refuse nonsense sampling settings before a model is loaded."""
+    if args.max_new_tokens < 1:
+        raise ArwkvError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    if args.temperature < 0:
+        raise ArwkvError(f"--temperature must be ≥ 0 (0 = greedy; got {args.temperature})")
+    if args.top_k < 0:
+        raise ArwkvError(f"--top-k must be ≥ 0 (0 = no limit; got {args.top_k})")
+
+
 def _generate(model, tok, dev, input_ids, args, streamer):
     import torch
 
@@ -347,31 +357,35 @@ def _generate(model, tok, dev, input_ids, args, streamer):
 
 
 def cmd_generate(args) -> int:
+    _check_generation_args(args)
     model, tok, dev = _load_for_generation(args.model, args.device)
     if tok is None:
         bos = model.config.bos_token_id if model.config.bos_token_id is not None else 1
         try:
-            ids = [int(t) for t in args.prompt.split()] if args.prompt else [bos]
+            ids = [int(t) for t in args.prompt.split()] if args.prompt and args.prompt.strip() else [bos]
         except ValueError:
             raise ArwkvError(
                 'this model has no tokenizer: give the prompt as token ids, e.g. "1 403 12"'
             ) from None
+        vocab = int(model.config.vocab_size)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ArwkvError(f"token ids {bad} are outside this model's vocabulary (0..{vocab - 1})")
         _generate(model, tok, dev, ids, args, _IdStreamer())
         return 0
     from transformers import TextStreamer
 
     prompt = args.prompt or ""
-    ids = (
-        tok(prompt, add_special_tokens=True)["input_ids"]
-        if prompt
-        else [tok.bos_token_id or tok.eos_token_id]
-    )
+    ids = tok(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+    if not ids:  # an empty prompt (or one the tokenizer reads as nothing): start from BOS
+        ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
     print(prompt, end="", flush=True)
     _generate(model, tok, dev, ids, args, TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
     return 0
 
 
 def cmd_chat(args) -> int:
+    _check_generation_args(args)
     model, tok, dev = _load_for_generation(args.model, args.device)
     if tok is None or not getattr(tok, "chat_template", None):
         raise ArwkvError(f"{args.model} has no tokenizer with a chat template; use `arwkv generate` instead")
@@ -405,9 +419,35 @@ def cmd_eval(args) -> int:
         return _eval(args)
 
 
+def _check_eval_args(args) -> None:
+    """Refuse bad settings and unreadable inputs before any model is loaded."""
+    if args.limit is not None and args.limit < 1:
+        raise ArwkvError(
+            f"--limit must be at least 1 (got {args.limit}); leave it out to score every example"
+        )
+    for name in ("batch_size", "context_length", "swa_window"):
+        if getattr(args, name) < 1:
+            raise ArwkvError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.swa_sinks < 0:
+        raise ArwkvError(f"--swa-sinks must be ≥ 0 (got {args.swa_sinks})")
+    if args.text_file is not None:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise ArwkvError(f"--text-file {path}: no such file")
+        try:
+            path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ArwkvError(
+                f"--text-file {path} is not UTF-8 text (byte {e.start}); convert it first"
+            ) from None
+        except OSError as e:
+            raise ArwkvError(f"--text-file {path} cannot be read: {e.strerror}") from None
+
+
 def _eval(args) -> int:
     from arwkv.eval.harness import DEFAULT_TASKS, run_eval
 
+    _check_eval_args(args)
     names, specs = [], []
     for item in args.models:
         name, sep, spec = item.partition("=")

@@ -44,6 +44,9 @@ def _load_plain(spec: str, dtype: torch.dtype) -> tuple[torch.nn.Module, object]
 
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
+        from arwkv.models.files import check_model_folder
+
+        check_model_folder(path)
         try:
             # Importing the models package registers ArwkvConfig/ArwkvForCausalLM with the Auto classes.
             importlib.import_module("arwkv.models")

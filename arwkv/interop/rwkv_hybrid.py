@@ -715,6 +715,9 @@ def load_any(
 ) -> torch.nn.Module:
     """Load a checkpoint directory for generation: a published `rwkv_hybrid` one through `load_rwkv_hybrid`,
     an arwkv student or any other transformers causal LM through `from_pretrained`."""
+    from arwkv.models.files import check_model_folder
+
+    check_model_folder(path)
     cfg = read_config(path)
     if cfg.get("model_type") == MODEL_TYPE:
         return load_rwkv_hybrid(path, dtype=dtype, device=device, wkv_backend=wkv_backend)

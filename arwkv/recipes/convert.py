@@ -103,7 +103,9 @@ def load_student(
         from transformers import AutoModelForCausalLM
 
         import arwkv.models.arwkv  # noqa: F401  (registers the Auto classes)
+        from arwkv.models.files import check_model_folder
 
+        check_model_folder(p)
         return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).train()
     if (p / "checkpoints").is_dir():
         latest = ckpt.latest_intact_checkpoint(p / "checkpoints")
