@@ -20,6 +20,8 @@ from pathlib import Path
 
 from arwkv.errors import ArwkvError
 
+LAUNCHER_ENV = "ARWKV_LAUNCHER_PID"  # set by `_launch` for its DDP workers
+
 EXAMPLES = """examples:
   arwkv convert --recipe stories260k
   arwkv convert --recipe smollm2-135m distill.tokens=2e6 out_dir=runs/smol-long
@@ -229,6 +231,7 @@ def _launch(processes: int, argv: list[str], teacher: str) -> int | None:
     from arwkv.convert.teachers import check_teacher_spec
 
     check_teacher_spec(teacher)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -238,11 +241,31 @@ def _launch(processes: int, argv: list[str], teacher: str) -> int | None:
     launch = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={processes}", "-m", "arwkv", *argv]
     )
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # the workers stop when this process dies
     try:
         run(launch)
+    except SignalException:  # Ctrl-C / SIGTERM: the workers saved their state and said so (rank 0)
+        return 130
     except ChildFailedError as e:  # the workers already printed their message
         return next((f.exitcode for f in e.failures.values() if f.exitcode), 1)
     return 0
+
+
+def _die_with_launcher() -> None:
+    """In a DDP worker of `_launch`: get SIGTERM when the launcher dies (even by kill -9), so that no worker
+    keeps training, and holding the run folder, behind a dead command. Linux only (prctl)."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher or "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(launcher):  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _done(result) -> None:
@@ -520,10 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv is not None else sys.exit(0)
     from arwkv.train.loop import TrainingInterrupted
 
+    _die_with_launcher()
     try:
         code = args.func(args)
     except TrainingInterrupted as e:
-        print(f"\n[arwkv] {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every DDP process stops: say it once
+            print(f"\n[arwkv] {e}", file=sys.stderr)
         code = 130
     except ArwkvError as e:
         if os.environ.get("RANK", "0") == "0":  # every DDP process hits the same bad input: say it once
