@@ -117,7 +117,9 @@ def test_lm_eval_python_api_on_a_tiny_student(shared, tmp_path, monkeypatch) -> 
     from arwkv.convert.families import tiny_teacher
 
     tok = AutoTokenizer.from_pretrained(shared / "assets" / "qwen2-tokenizer")
-    teacher = tiny_teacher("qwen2", vocab_size=len(tok), hidden_size=64, num_attention_heads=1)
+    teacher = tiny_teacher(
+        "qwen2", vocab_size=len(tok), hidden_size=64, num_attention_heads=1, num_key_value_heads=1
+    )
     student = build_student(teacher, init="copy", head_size=64).eval()
     monkeypatch.setenv("ARWKV_EVAL_DIR", str(shared / "eval"))
     monkeypatch.chdir(tmp_path)
@@ -129,3 +131,81 @@ def test_lm_eval_python_api_on_a_tiny_student(shared, tmp_path, monkeypatch) -> 
     )["results"]
     assert 0 <= results["arc_easy_local"]["acc,none"] <= 1
     assert results["lambada_openai_local"]["perplexity,none"] > 1
+
+
+# The scoring keys of lm-eval's own BLiMP template (lm_eval/tasks/blimp/_template_yaml). It sets no
+# target_delimiter, so lm-eval's default " " goes in front of each sentence.
+LM_EVAL_BLIMP = {
+    "output_type": "multiple_choice",
+    "doc_to_text": "",
+    "doc_to_target": 0,
+    "doc_to_choice": "{{[sentence_good, sentence_bad]}}",
+    "num_fewshot": 0,
+}
+
+
+def _lm_eval_blimp_template() -> Path:
+    return Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks" / "blimp" / "_template_yaml"
+
+
+def _task_file(name: str) -> dict:
+    return yaml.load((TASKS_DIR / f"{name}.yaml").read_text(), Loader=_TaskLoader)
+
+
+def test_blimp_task_file_matches_lm_evals_blimp_task() -> None:
+    cfg = _task_file("blimp_local")
+    assert {k: cfg.get(k) for k in LM_EVAL_BLIMP} == LM_EVAL_BLIMP
+    assert "target_delimiter" not in cfg  # the default " ", as in lm-eval's template (a "" here was issue 17)
+    assert [m["metric"] for m in cfg["metric_list"]] == ["acc"]
+    if importlib.util.find_spec("lm_eval") is not None:  # and the template itself, where lm-eval is installed
+        real = yaml.load(_lm_eval_blimp_template().read_text(), Loader=_TaskLoader)
+        assert {k: real.get(k) for k in LM_EVAL_BLIMP} == LM_EVAL_BLIMP and "target_delimiter" not in real
+
+
+def test_lm_eval_builds_arwkv_requests(shared, tmp_path, monkeypatch) -> None:
+    """Optional: lm-eval's own request construction from these task files gives arwkv's request strings,
+    its HF model scores them as arwkv does, and BLiMP's requests equal those of lm-eval's BLiMP template."""
+    pytest.importorskip("lm_eval", reason='lm-eval is not installed (pip install "lm-eval[hf]")')
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+    from transformers import AutoTokenizer
+
+    from arwkv.eval.loglik import loglikelihood
+    from arwkv.eval.tasks import get_task
+
+    from .tiny import tiny_llama
+
+    monkeypatch.setenv("ARWKV_EVAL_DIR", str(shared / "eval"))
+    monkeypatch.chdir(tmp_path)
+    # lm-eval's BLiMP template with only the data swapped for the local copy
+    template = _lm_eval_blimp_template()
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for f in [*TASKS_DIR.glob("*.yaml"), TASKS_DIR / "utils.py"]:
+        (folder / f.name).write_text(f.read_text())
+    (folder / "blimp_lm_eval_template.yaml").write_text(
+        f"include: {template}\ntask: blimp_lm_eval_template\ndataset_path: null\n"
+        "custom_dataset: !function utils.blimp\nvalidation_split: test\n"
+    )
+    tasks = get_task_dict([*_utils().FILES, "blimp_lm_eval_template"], TaskManager(include_path=str(folder)))
+    data = shared / "eval"
+    tok = AutoTokenizer.from_pretrained(shared / "assets" / "qwen2-tokenizer")
+    model = tiny_llama(vocab_size=len(tok))
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu")
+    for name, task in tasks.items():
+        blimp = name.startswith("blimp")
+        ours_task = get_task("blimp" if blimp else name.removesuffix("_local"))
+        # lm-eval reads BLiMP's paradigms one after another, arwkv interleaves them: pairs 0 and 1 of each
+        ids = [0, 1000, 2000, 3000, 1, 1001, 2001, 3001] if blimp else [0, 1, 2, 3]
+        task.build_all_requests(samples=ids, rank=0, world_size=1)
+        # with `samples`, lm-eval numbers the chosen documents 0, 1, ... in dataset order
+        picked = sorted(ids)
+        theirs = [i.args for i in sorted(task.instances, key=lambda i: (ids.index(picked[i.doc_id]), i.idx))]
+        docs = ours_task.load(data)[:8] if blimp else ours_task.load(data)[:4]
+        ours = [r for d in docs for r in ours_task.requests(d)]
+        assert theirs == ours, name
+        if name in ("blimp_local", "arc_easy_local"):
+            got = lm.loglikelihood([Instance("loglikelihood", {}, a, i) for i, a in enumerate(theirs)])
+            for (ll, greedy), r in zip(got, loglikelihood(model, tok, ours, progress=False), strict=True):
+                assert abs(ll - r.logprob) < 1e-4 and greedy == r.is_greedy

@@ -1,7 +1,11 @@
 """BLiMP minimal pairs (the four paradigms in ../shared/eval/blimp): acc = P(good sentence) > P(bad sentence).
 
-lm-eval scores each whole sentence with an empty context, i.e. after the prefix token (BOS, else EOS), and
-averages the paradigms; all four here have 1,000 pairs, so the mean over pairs equals the mean of paradigms.
+lm-eval's blimp_* tasks (lm_eval/tasks/blimp/_template_yaml) are multiple_choice with an empty
+`doc_to_text` and the default `target_delimiter` " ", so each request is ("", " " + sentence): the sentence,
+with its leading space, scored after the prefix token (BOS, else EOS) that stands in for the empty context.
+The space matters: BPE tokenizers encode " The" and "The" as different tokens. acc = argmax over [good, bad]
+== 0, so a tie counts as correct. The group averages paradigms; all four here have 1,000 pairs, so the mean
+over pairs equals the mean of paradigms.
 """
 
 from __future__ import annotations
@@ -23,8 +27,12 @@ def load(data_dir: Path) -> list[dict]:
     return [doc for group in zip_longest(*per_file) for doc in group if doc is not None]
 
 
+# lm-eval's default target_delimiter, put in front of every choice of a multiple_choice task.
+DELIMITER = " "
+
+
 def requests(doc: dict) -> list[tuple[str, str]]:
-    return [("", doc["sentence_good"]), ("", doc["sentence_bad"])]
+    return [("", DELIMITER + doc["sentence_good"]), ("", DELIMITER + doc["sentence_bad"])]
 
 
 def process(doc: dict, results: list[LoglikResult]) -> dict[str, float]:
