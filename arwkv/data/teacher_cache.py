@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from arwkv.atomic import write_file, write_folder
 from arwkv.errors import DataError
 
 FORMAT_VERSION = 1
@@ -199,9 +199,8 @@ class TeacherCache:
 def _create(folder: Path, meta: dict[str, Any]) -> None:
     """Create the arrays in a temporary sibling with their space reserved, then rename it into place."""
     n, t, k = meta["num_rows"], meta["seq_len"], meta["k"]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         for name, dtype, shape in (
             ("ids", np.int32, (n, t, k)),
             ("logp", np.float16, (n, t, k)),
@@ -215,9 +214,10 @@ def _create(folder: Path, meta: dict[str, Any]) -> None:
                 if hasattr(os, "posix_fallocate"):
                     os.posix_fallocate(f.fileno(), offset, max(size, 1))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-        os.replace(tmp, folder)
+
+    try:
+        write_folder(folder, build)
     except OSError as e:
-        _rmtree(tmp)
         if (folder / "meta.json").is_file():
             return  # another process created it first
         need = bytes_per_token(k) * n * t
@@ -225,9 +225,6 @@ def _create(folder: Path, meta: dict[str, Any]) -> None:
             f"could not create the teacher cache {folder} ({need / 1e6:.0f} MB): {e}; free disk space, "
             "set data cache elsewhere (out_dir) or lower distill.teacher_topk"
         ) from e
-    except BaseException:
-        _rmtree(tmp)
-        raise
 
 
 def _check_npy(path: Path, shape: tuple[int, ...]) -> None:
@@ -257,20 +254,9 @@ def _check_npy(path: Path, shape: tuple[int, ...]) -> None:
         )
 
 
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def _save_npy_atomically(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_file(path, write, fsync=True)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from arwkv.atomic import write_file
 from arwkv.data.packing import PackedCorpus
 from arwkv.errors import DataError
 
@@ -438,16 +437,13 @@ _FIELDS = (
 
 
 def _save_atomically(path: Path, corpus: TeacherCorpus) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    os.close(fd)
+    tensors = {f: getattr(corpus, f).to(torch.int32).contiguous() for f in _FIELDS}
     try:
-        tensors = {f: getattr(corpus, f).to(torch.int32).contiguous() for f in _FIELDS}
-        save_file(tensors, tmp, metadata={"settings": json.dumps(corpus.meta)})
-        os.replace(tmp, path)
+        write_file(
+            path, lambda tmp: save_file(tensors, str(tmp), metadata={"settings": json.dumps(corpus.meta)})
+        )
     except Exception as e:  # the samples are still good: carry on without a cache rather than lose them
         # (a full disk arrives as safetensors' own error type, not only as OSError)
-        Path(tmp).unlink(missing_ok=True)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         warnings.warn(
             f"could not write the teacher corpus cache {path} ({type(e).__name__}: {first}); the next run "

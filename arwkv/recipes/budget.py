@@ -16,12 +16,12 @@ budget than the plan's is refused.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from arwkv.atomic import write_json
 from arwkv.errors import ConfigError
 
 PLAN_FILE = "budget.json"
@@ -79,10 +79,7 @@ def plan_tokens(
         tokens[last] += int((minutes - old["minutes"]) * 60 * old["rates"][last])
         plan = {**old, "minutes": minutes, "tokens": tokens}
         reopened = [last] if last in finished else []
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(plan, indent=1))
-    os.replace(tmp, path)
+    write_json(path, plan)
     return {**plan, "reopened": reopened}
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from arwkv.atomic import write_json, write_text
 from arwkv.config import STAGES, RecipeConfig, StageConfig, config_text, load_recipe, to_dict
 from arwkv.errors import CheckpointError, ConfigError, DataError
 from arwkv.train import checkpoint as ckpt
@@ -496,21 +497,6 @@ def _lock_run_dir(run_dir: Path):
     return f
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write `path` atomically (a crash leaves the old file or the new one, never half of it)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=1, default=str))
-
-
 def run(cfg: RecipeConfig, stages: list[str] | None = None, student_from: str | None = None) -> ConvertResult:
     """Run the recipe's enabled stages (or `stages`) and write the student and the report."""
     # one writer per run folder: the lock lives while this runs (the kernel drops it even on kill -9)
@@ -590,17 +576,17 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
     if "baselines" not in summary:
         summary["baselines"] = _baselines(cfg, teacher, student, data, evaluate, env)
         if env.is_main:
-            _write_json(summary_path, summary)
+            write_json(summary_path, summary)
 
     if cfg.budget.minutes > 0:
         _apply_budget(cfg, stages, summary, student, teacher, distill_teacher, data, env)
         if env.is_main:
-            _write_json(summary_path, summary)
+            write_json(summary_path, summary)
 
     summary["config"] = to_dict(cfg)  # accepted: record the settings this run trains with
     if env.is_main:
-        _write_text(run_dir / "config.yaml", config_yaml)
-        _write_json(summary_path, summary)
+        write_text(run_dir / "config.yaml", config_yaml)
+        write_json(summary_path, summary)
     minutes_before, last_after = 0.0, summary["baselines"].get("student_init")
     for name in stages:
         scfg: StageConfig = getattr(cfg, name)
@@ -621,7 +607,7 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
         before = summary["stages"].get(name, {}).get("before") or last_after or evaluate(student)
         summary["stages"][name] = {"before": before, "done": False, "minutes_before": minutes_before}
         if env.is_main:
-            _write_json(summary_path, summary)
+            write_json(summary_path, summary)
         _say(env, f"{name}: {scfg.tokens:,} tokens, batch {scfg.batch_size} x {scfg.seq_len}, lr {scfg.lr:g}")
         res = _run_stage(
             name,
@@ -658,7 +644,7 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
             + ", ".join(f"{k} {after[k]:.4g}" for k in ("nll_ratio", "kl", "top1") if k in after),
         )
         if env.is_main:
-            _write_json(summary_path, summary)
+            write_json(summary_path, summary)
 
     final_dir = run_dir / "final"
     full = _full_state(student)  # collective when the student is sharded (FSDP)
@@ -667,7 +653,7 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
         if tokenizer is not None:
             tokenizer.save_pretrained(final_dir)
         summary["total_wall_s"] = summary.get("total_wall_s", 0.0) + (time.perf_counter() - t_start)
-        _write_json(summary_path, summary)
+        write_json(summary_path, summary)
         from arwkv.recipes.report import write_report
 
         write_report(run_dir, summary)
