@@ -307,13 +307,10 @@ def _same_logits(student: Any, reloaded: Any, what: str, padded: bool = False) -
 
 
 def _copy_tokenizer(src: Source, out: Path) -> None:
-    from arwkv.interop.rwkv_hybrid import TOKENIZER_FILES
+    from arwkv.interop.rwkv_hybrid import save_tokenizer
 
-    if src.tokenizer is None:
-        return
-    for name in TOKENIZER_FILES:
-        if (src.tokenizer / name).is_file():
-            shutil.copy(src.tokenizer / name, out / name)
+    if src.tokenizer is not None:
+        save_tokenizer(src.tokenizer, out)
 
 
 def _tokenizer_note(src: Source, out: Path) -> str:
