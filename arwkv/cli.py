@@ -38,7 +38,7 @@ def _recipe_args(p: argparse.ArgumentParser, required: bool) -> None:
         "--recipe",
         required=required,
         metavar="NAME|PATH",
-        help="shipped recipe name (stories260k, smollm2-135m, qwen2.5-7b) or a YAML file",
+        help="shipped recipe name (stories260k, smollm2-135m, qwen2.5-7b, ...) or a YAML file",
     )
     p.add_argument(
         "overrides",

@@ -4,9 +4,10 @@ copied bit-exactly; the new mixers start from the teacher's q/k/v/o ("copy", RAD
 
 Copy init choices (calibration-stories260k.md pitfalls 1-2):
 - q -> receptance, k -> key, v -> value (each KV head repeated for its query heads under GQA), o -> output,
-  biases kept (Qwen2 q/k/v, Llama attention_bias); with `mixer_expand` = e the teacher's heads are repeated
-  e times and o is divided by e, so the copies sum to one teacher output (their decays differ, which breaks
-  the symmetry);
+  biases kept (Qwen2 q/k/v, Llama attention_bias) unless the mixer is built without them (`rkv_bias` /
+  `output_bias` false, the bias-free layout of ARWKV and llama.cpp: the biases are dropped); with
+  `mixer_expand` = e the teacher's heads are repeated e times and o is divided by e, so the copies sum to one
+  teacher output (their decays differ, which breaks the symmetry);
 - Qwen3's q_norm / k_norm are carried over as the mixer's `r_norm` / `k_norm` (per teacher head, before the
   optional RoPE), not folded: a normalization cannot be folded into a linear map;
 - token-shift mixes mu = 0 (the copied projections see the current token, as in the teacher);
@@ -75,10 +76,10 @@ def copy_attention_into_mixer(attn: torch.nn.Module, mixer: ArwkvTimeMix, teache
                 f"copy init: {tuple(weight.shape)} teacher weight for {tuple(linear.weight.shape)}"
             )
         linear.weight.copy_(weight)
-        if (bias is None) != (linear.bias is None):
-            raise ValueError("copy init: teacher and mixer disagree on biases (set rkv_bias/output_bias).")
-        if bias is not None:
-            linear.bias.copy_(bias)
+        if linear.bias is not None:  # a bias the teacher lacks starts at 0 (exact)
+            linear.bias.copy_(bias if bias is not None else torch.zeros_like(linear.bias))
+        # a teacher bias the mixer lacks (rkv_bias/output_bias=false, ARWKV's and llama.cpp's bias-free
+        # layout) is dropped: stage 1 re-fits what it carried
     if mixer.r_norm is not None:
         if getattr(attn, "q_norm", None) is None:
             raise ValueError("copy init: use_qk_norm=True but the teacher attention has no q_norm/k_norm.")

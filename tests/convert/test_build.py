@@ -124,6 +124,23 @@ def test_copy_init_keeps_llama_attention_biases():
     assert torch.equal(student.model.layers[1].mlp.up_proj.bias, teacher.model.layers[1].mlp.up_proj.bias)
 
 
+def test_bias_free_copy_init_drops_or_zeroes_biases():
+    """rkv_bias/output_bias=false on a biased teacher (the llama.cpp layout of the qwen2.5-7b recipe): the
+    weights are copied and the biases dropped; a mixer bias the teacher lacks starts at exactly 0."""
+    qwen = tiny_teacher("qwen2")  # q/k/v biases
+    student = build_student(qwen, rkv_bias=False, output_bias=False)
+    mix, attn = student.model.layers[1].self_attn, qwen.model.layers[1].self_attn
+    assert mix.receptance.bias is None and mix.key.bias is None and mix.value.bias is None
+    assert torch.equal(mix.receptance.weight, attn.q_proj.weight)
+    assert torch.isfinite(student(ids_for(2, 9)).logits).all()
+    llama = tiny_teacher("llama")  # no attention biases
+    student = build_student(llama, rkv_bias=True, output_bias=True)
+    mix = student.model.layers[1].self_attn
+    for linear in (mix.receptance, mix.key, mix.value, mix.output):
+        assert linear.bias is not None and not linear.bias.any()
+    assert torch.equal(mix.output.weight, llama.model.layers[1].self_attn.o_proj.weight)
+
+
 def test_fresh_init_is_blinkdl_rwkv7():
     teacher = tiny_teacher("qwen2")
     student = build_student(teacher, init="fresh")

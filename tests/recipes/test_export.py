@@ -104,7 +104,30 @@ def _logits(model, ids=IDS) -> torch.Tensor:
         return model(ids).logits
 
 
-SHAPES = {"stories260k": (lambda: stories_student(head_size=64), False), "smollm2": (smol_student, True)}
+def qwen_student() -> ArwkvForCausalLM:
+    """Qwen2.5-7B's head layout (heads of 128 with q/k/v biases, 7:1 GQA), narrower, with the student options
+    of the shipped qwen2.5-7b recipe (heads of 64, biases dropped, llama.cpp's ranks)."""
+    from arwkv.config import load_recipe
+
+    teacher = tiny_teacher(
+        "qwen2",
+        hidden_size=256,
+        intermediate_size=320,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=128,
+        vocab_size=256,
+    )
+    mixer = {k: v for k, v in load_recipe("qwen2.5-7b").student.mixer.items() if k != "wkv_backend"}
+    return _random_mixers(build_student(teacher, init="copy", untie_embeddings=True, **mixer))
+
+
+SHAPES = {
+    "stories260k": (lambda: stories_student(head_size=64), False),
+    "smollm2": (smol_student, True),
+    "qwen2.5": (qwen_student, True),
+}
 
 
 @pytest.mark.parametrize("to", ["hf", "rwkv_hybrid", "gguf"])
@@ -119,7 +142,7 @@ def test_export_each_format_from_a_run_folder(tmp_path, fake_llamacpp, shape, to
     result = run_export(run, to, out, tokenizer=tok)
     assert result.out == out and out.exists() and not list(tmp_path.glob(".out*partial*"))
     text = "\n".join(result.notes)
-    if to != "hf":  # default (size-based) ranks are below the format's: padded, and said so
+    if to != "hf" and shape != "qwen2.5":  # default (size-based) ranks are below the format's: padded
         assert student_ranks(student) != LORA_RANKS and "zero-padded" in text
     if to == "gguf":
         report = check_gguf(out, source=None)
@@ -301,22 +324,24 @@ def test_recipe_check_before_training(tmp_path, fake_llamacpp, shared) -> None:
     with pytest.raises(ConfigError, match="local_window 64: .* -> set student.mixer.local_window=0"):
         run_export("smollm2-135m-local", "gguf", check=True, overrides=[f"teacher.path={smol}"])
 
-    qwen = _config_folder(  # Qwen2.5-7B-Instruct's config
-        tmp_path / "qwen",
-        Qwen2Config(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
-            max_position_embeddings=32768,
-            rope_theta=1e6,
-            tie_word_embeddings=False,
-        ),
+    qwen25_7b = dict(  # Qwen2.5-7B-Instruct's config
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
     )
-    with pytest.raises(ConfigError) as e:
-        run_export("qwen2.5-7b", "gguf", check=True, overrides=[f"teacher.path={qwen}"])
+    qwen = _config_folder(tmp_path / "qwen", Qwen2Config(**qwen25_7b))
+    qwen_tok = save_tokenizer(_config_folder(tmp_path / "qwen_tok", Qwen2Config(**qwen25_7b)), 512)
+    for to in ("gguf", "rwkv_hybrid"):  # the shipped Qwen recipe exports without overrides
+        result = run_export("qwen2.5-7b", to, check=True, overrides=[f"teacher.path={qwen_tok}"])
+        assert result.notes == [f"recipe qwen2.5-7b: the layout fits {to}"]
+    with pytest.raises(ConfigError) as e:  # RADLADS's layout is the opt-in one, and says why it cannot
+        run_export("qwen2.5-7b-radlads", "gguf", check=True, overrides=[f"teacher.path={qwen}"])
     msg = str(e.value)
     for needle in (
         "(5 problems)",
