@@ -94,3 +94,9 @@ def test_eval_text_file_missing_or_not_utf8(tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     code = main(["eval", "unused", "--tasks", "wikitext", "--text-file", str(tmp_path / "latin1.txt")])
     _one_line_error(capsys, code, "not UTF-8")
+
+
+def test_eval_fp64_and_bf16_exclude_each_other(capsys):
+    assert main(["eval", "x", "--fp64", "--bf16"]) != 0
+    err = capsys.readouterr().err
+    assert "--fp64 and --bf16 exclude each other" in err and "Traceback" not in err

@@ -233,6 +233,7 @@ def run_eval(
     context_length: int = 512,
     max_tokens: int | None = None,
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Load the models, score them, write `eval.md` and `eval.json` in `out_dir`; returns the JSON dict.
 
@@ -240,8 +241,10 @@ def run_eval(
     known to `arwkv.convert.teachers` (e.g. smollm2-135m-instruct), or `swa:<spec>` for the sink+window
     baseline.
     The first non-baseline spec is the retention reference unless `reference` names another.
+    dtype: the models' weights and compute; float64 makes scores independent of batch size and composition
+    (fp32 rounding differs with the matmul shapes, and an untrained student amplifies it to ~1e-2 nats).
     """
-    models = load_models(model_specs, names=names, swa_window=swa_window, swa_sinks=swa_sinks)
+    models = load_models(model_specs, names=names, swa_window=swa_window, swa_sinks=swa_sinks, dtype=dtype)
     if reference is None:
         plain = [n for n, s in zip(models, model_specs, strict=True) if not s.startswith(SWA_PREFIX)]
         reference = plain[0] if plain else next(iter(models))
