@@ -7,7 +7,7 @@ import torch
 from arwkv.errors import ArwkvError
 from arwkv.ops.wkv7.chunked import wkv7_chunked
 from arwkv.ops.wkv7.conventions import DECAY_LOG_MIN
-from arwkv.ops.wkv7.fla import fla_available, wkv7_fla
+from arwkv.ops.wkv7.fla import fla_available, fla_problem, wkv7_fla
 from arwkv.ops.wkv7.naive import wkv7_recurrent
 
 __all__ = [
@@ -77,11 +77,10 @@ def wkv7(
     if backend == "recurrent":
         return wkv7_recurrent(*args)
     if backend == "fla":
-        if not (r.is_cuda and fla_available()):
-            raise Wkv7InputError(
-                "backend='fla' needs CUDA tensors and flash-linear-attention installed "
-                "(pip install flash-linear-attention); use backend='chunked' on CPU"
-            )
+        if not r.is_cuda:
+            raise Wkv7InputError("backend='fla' needs CUDA tensors; use backend='chunked' on CPU")
+        if not fla_available():
+            raise Wkv7InputError(f"backend='fla': {fla_problem()}; or use backend='chunked'")
         return wkv7_fla(
             *args, chunk_size=chunk_size, safe_lower_bound=DECAY_LOG_MIN if w_min >= DECAY_LOG_MIN else None
         )
