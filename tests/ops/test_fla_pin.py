@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import sys
 
 import pytest
@@ -233,3 +234,49 @@ def test_table_fits_the_installed_fla():
         print(json.dumps([r.__dict__ for r in results if r.status != "pinned"]))
     finally:
         fla_pin.restore()
+
+
+def test_over_budget_warmup_stops_and_names_what_it_compiled(tmp_path):
+    """The watchdog ends a warm-up whose compile runs past the budget, with one line and the JSON record."""
+    import subprocess
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent(
+        """
+        import sys, threading, time
+        from arwkv.ops.wkv7.fla_pin import KernelTiming
+        from arwkv.ops.wkv7.warmup import Warmup
+
+        w = Warmup(budget_s=1.0, json_path=sys.argv[1])
+        # what the compile log holds after one kernel compiled and while a second one compiles
+        w.log.kernels["chunk_dplr_fwd_kernel_h"] = KernelTiming("chunk_dplr_fwd_kernel_h", 1, 1, 2.5, 2.5)
+        w.log.order.append("chunk_dplr_fwd_kernel_h")
+        w.log.current, w.current = "chunk_dplr_fwd_kernel_o", "op chunk fwd+bwd H=9, final state"
+        threading.Thread(target=w.watchdog, daemon=True).start()
+        time.sleep(60)  # a compile that does not return
+        print("not reached")
+        """
+    )
+    record = tmp_path / "warmup.json"
+    root = Path(__file__).parents[2]
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(record)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert r.returncode == 3, r.stderr
+    (line,) = r.stdout.strip().splitlines()
+    assert line.startswith(
+        "warm-up over its 1 s budget after 1 s, in signature 'op chunk fwd+bwd H=9, final state'"
+    )
+    assert (
+        "(kernel chunk_dplr_fwd_kernel_o still compiling); compiled so far: chunk_dplr_fwd_kernel_h (2.5 s)"
+        in line
+    )
+    data = json.loads(record.read_text())
+    assert data["over_budget"] and data["running"]["kernel"] == "chunk_dplr_fwd_kernel_o"
+    assert data["kernels"]["chunk_dplr_fwd_kernel_h"]["compile_s"] == 2.5

@@ -28,9 +28,16 @@ pytestmark = pytest.mark.gpu
 needs_fla = pytest.mark.skipif(not fla_available(), reason="flash-linear-attention not installed")
 
 
-def run_on(device, dtype, xs, h0, cu=None, **kw):
-    """o, final state and all grads (CPU fp64 copies) for fixed cotangents; log-decay w stays fp32."""
-    leaves = [x.to(device, torch.float32 if i == 1 else dtype).requires_grad_() for i, x in enumerate(xs)]
+# what the student hands fla under bf16 autocast (r, w, k, v, a, b): Linear outputs r, v are bf16, the
+# fp32 log-decay, and k, a, b fp32 (they pass through fp32 parameters and the l2-normalised removal key)
+MODEL_DTYPES = (torch.bfloat16, torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.float32)
+
+
+def run_on(device, dtype, xs, h0, cu=None, dtypes=None, **kw):
+    """o, final state and all grads (CPU fp64 copies) for fixed cotangents; log-decay w stays fp32 unless
+    `dtypes` gives one dtype per input."""
+    dtypes = dtypes or [torch.float32 if i == 1 else dtype for i in range(len(xs))]
+    leaves = [x.to(device, dt).requires_grad_() for x, dt in zip(xs, dtypes, strict=True)]
     h = h0.to(device, torch.float32 if dtype != torch.float64 else dtype).requires_grad_()
     o, hT = wkv7(*leaves, initial_state=h, output_final_state=True, cu_seqlens=cu, **kw)
     gen = torch.Generator().manual_seed(3)
@@ -67,6 +74,12 @@ def case():
 def test_fla_matches_fp64_reference(case, dtype, tol):
     xs, h0, ref = case
     check(run_on("cuda", dtype, xs, h0, backend="fla"), ref, tol)
+
+
+@needs_fla
+def test_fla_matches_fp64_reference_with_the_models_dtype_mix(case):
+    xs, h0, ref = case
+    check(run_on("cuda", torch.bfloat16, xs, h0, backend="fla", dtypes=MODEL_DTYPES), ref, 1e-2)
 
 
 @needs_fla

@@ -8,9 +8,10 @@ flags such as "has an initial state" or "packed sequences"), and caches it on di
 step). With $ARWKV_FLA_PIN=1 (`fla_pin.py`) each kernel compiles once per signature instead of being
 autotuned over up to 135 configs.
 
-Signatures warmed, head size 64, bf16 inputs with an fp32 log-decay (what bf16 autocast gives the student):
-the op with and without an initial state, with packed sequences (`cu_seqlens`), forward + backward; a no-grad
-prefill; the fused recurrent decode step. Then (unless --no-model) a one-layer student of the teacher's width
+Signatures warmed, head size 64, bf16 inputs with an fp32 log-decay: the op with and without an initial state,
+with packed sequences (`cu_seqlens`), forward + backward, and with the dtype mix the student hands fla under
+bf16 autocast (`MODEL_DTYPES`: r, v bf16; w, k, a, b fp32); a no-grad prefill; the fused recurrent decode
+step. Then (unless --no-model) a one-layer student of the teacher's width
 built like the recipes build it, forward + backward under bf16 autocast, with documents packed in a row, and
 two greedily decoded tokens: the dtypes the model itself hands to fla.
 
@@ -108,29 +109,28 @@ class Warmup:
         self.write()
 
 
-def op_inputs(B: int, T: int, H: int, grad: bool, seed: int = 0) -> list[torch.Tensor]:
+# dtypes of r, w, k, v, a, b the student passes under bf16 autocast (measured: Linear outputs r and v are
+# bf16; k, a, b come out fp32 from their fp32 parameters; the log-decay is computed in fp32)
+MODEL_DTYPES = (torch.bfloat16, torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.float32)
+
+
+def op_inputs(B: int, T: int, H: int, grad: bool, seed: int = 0, dtypes=None) -> list[torch.Tensor]:
     """bf16 r, k, v, a, b and an fp32 log-decay inside RWKV-7's clamp, on CUDA (as benchmarks/wkv_cuda.py)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     rnd = lambda: torch.randn(B, T, H, 64, device="cuda", generator=g)  # noqa: E731
     kappa = torch.nn.functional.normalize(rnd(), dim=-1)
     eta = torch.rand(B, T, H, 64, device="cuda", generator=g)
     w = -math.exp(-0.5) * torch.sigmoid(2 * rnd())
-    xs = [
-        rnd().bfloat16(),
-        w,
-        rnd().bfloat16(),
-        rnd().bfloat16(),
-        (-kappa).bfloat16(),
-        (kappa * eta).bfloat16(),
-    ]
-    return [x.requires_grad_(grad) for x in xs]
+    xs = [rnd(), w, rnd(), rnd(), -kappa, kappa * eta]
+    dtypes = dtypes or (torch.bfloat16, torch.float32, *[torch.bfloat16] * 4)
+    return [x.to(dt).requires_grad_(grad) for x, dt in zip(xs, dtypes, strict=True)]
 
 
 def op_signatures(w: Warmup, H: int) -> None:
     from arwkv.ops import wkv7
 
-    def fwd_bwd(B: int, T: int, h0: bool, cu: torch.Tensor | None = None) -> None:
-        xs = op_inputs(B, T, H, grad=True)
+    def fwd_bwd(B: int, T: int, h0: bool, cu: torch.Tensor | None = None, dtypes=None) -> None:
+        xs = op_inputs(B, T, H, grad=True, dtypes=dtypes)
         n = B if cu is None else len(cu) - 1
         state = torch.zeros(n, H, 64, 64, device="cuda", requires_grad=True) if h0 else None
         o, hT = wkv7(*xs, initial_state=state, output_final_state=True, cu_seqlens=cu, backend="fla")
@@ -149,6 +149,9 @@ def op_signatures(w: Warmup, H: int) -> None:
     w.run(f"op chunk fwd+bwd H={H}, final state", lambda: fwd_bwd(2, 256, h0=False))
     w.run(f"op chunk fwd+bwd H={H}, initial + final state", lambda: fwd_bwd(2, 256, h0=True))
     w.run(f"op chunk fwd+bwd H={H}, cu_seqlens, initial state", lambda: fwd_bwd(1, 512, h0=True, cu=cu))
+    w.run(
+        f"op chunk fwd+bwd H={H}, the model's dtype mix", lambda: fwd_bwd(2, 256, False, dtypes=MODEL_DTYPES)
+    )
     w.run(f"op chunk prefill (no grad) H={H}", prefill)
     w.run(f"op fused recurrent decode step H={H}", decode)
 
@@ -188,9 +191,8 @@ def model_signatures(w: Warmup, args: argparse.Namespace) -> None:
         with torch.no_grad():
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 student.generate(ids[:1, :32], max_new_tokens=2, do_sample=False)
-            student.generate(
-                ids[:1, :32], max_new_tokens=2, do_sample=False
-            )  # fp32 (evaluation without --bf16)
+            # and in fp32, as `arwkv eval` without --bf16 decodes
+            student.generate(ids[:1, :32], max_new_tokens=2, do_sample=False)
         student.train()
 
     w.run(f"model fwd+bwd bf16 autocast H={args.heads}", lambda: train_step(None))
