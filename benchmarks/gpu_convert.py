@@ -397,23 +397,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("part", choices=("part1", "part2", "all"))
     p.add_argument("--out", required=True, help="output folder (at most 8 files)")
     p.add_argument("--work", help="intermediate files, kept between part1 and part2 (default: OUT/../work)")
-    p.add_argument("--minutes", type=float, default=None, help="wall time of this part (default: 3 / 6 / 9)")
+    p.add_argument("--minutes", type=float, default=None, help="wall minutes of this part (4.5 / 5 / 9)")
     p.add_argument("--teacher", help="the teacher GGUF (part2/all on the GPU)")
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "assets" / "qwen2-tokenizer"))
     p.add_argument("--dry-run", action="store_true", help="CPU, toy size: skip what needs CUDA")
-    p.add_argument("--warmup-s", type=float, default=100.0)
-    p.add_argument("--parity-s", type=float, default=75.0)
-    p.add_argument("--throughput-s", type=float, default=60.0)
-    p.add_argument("--wkv-s", type=float, default=45.0)
-    p.add_argument("--eval-s", type=float, default=120.0, help="time kept for the evaluation")
-    p.add_argument("--eval-limit", type=int, default=500, help="examples per task")
+    p.add_argument("--warmup-s", type=float, default=90.0)
+    p.add_argument("--parity-s", type=float, default=60.0)
+    p.add_argument("--throughput-s", type=float, default=50.0)
+    p.add_argument("--wkv-s", type=float, default=35.0)
+    p.add_argument("--eval-s", type=float, default=100.0, help="time kept for the evaluation")
+    p.add_argument("--eval-limit", type=int, default=300, help="examples per task")
     p.add_argument(
         "--convert-overhead-s", type=float, default=100.0, help="teacher load, sampling, held-out evals"
     )
     p.add_argument("overrides", nargs="*", help="recipe key=value overrides for the conversion")
     args = p.parse_intermixed_args(argv)  # recipe overrides may follow options
     if args.minutes is None:
-        args.minutes = {"part1": 3.5, "part2": 6.0, "all": 9.0}[args.part]
+        args.minutes = {"part1": 4.5, "part2": 5.0, "all": 9.0}[args.part]
     if args.minutes <= 0:
         p.error(f"--minutes must be > 0, got {args.minutes}")
     bad = [o for o in args.overrides if "=" not in o]

@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 mode=${1:?usage: gpu_convert.sh prepare|part1|part2|all [--dry-run] [--out DIR] [...]}
 shift
-carry=$root/.gpu_carry
+carry=${GPU_CARRY:-$root/.gpu_carry}
 stash=${GPU_STASH:-$root/.gpu_stash}
 teacher_name=SmolLM2-135M-Instruct.Q4_1.gguf
 split_mib=38 # half A; the rest (~56 MiB) is half B: each command stays under 64 MiB with the tree
@@ -72,7 +72,7 @@ prepare)
   ls -l "$carry"/a "$carry"/b
   echo "next, on the GPU (two calls, the second within 30 s of the first):"
   echo "  run(command='bash benchmarks/gpu_convert.sh part1 --out \$OUT', carry=['.gpu_carry/a'], timeout_s=300)"
-  echo "  run(command='bash benchmarks/gpu_convert.sh part2 --out \$OUT', carry=['.gpu_carry/b'], timeout_s=420)"
+  echo "  run(command='bash benchmarks/gpu_convert.sh part2 --out \$OUT', carry=['.gpu_carry/b'], timeout_s=360)"
   ;;
 part1)
   [[ $out_given == 1 ]] || set -- "$@" --out "${OUT:?set OUT or pass --out}"

@@ -20,6 +20,7 @@ from gpu_report import render  # noqa: E402
 
 def sh(*args: str, tmp_path: Path, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "GPU_STASH": str(tmp_path / "stash")}
+    env["GPU_CARRY"] = str(tmp_path / "carry")  # not the checkout's own .gpu_carry
     env.pop("OUT", None)
     return subprocess.run(
         ["bash", str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
