@@ -4,6 +4,7 @@ The student's `modeling_arwkv.py` ships as remote code and may import only torch
 operator it needs is copied into it verbatim between `# <name>` ... `# </name>` markers:
 
 - `wkv7-chunked`: the chunked WKV kernel of `arwkv/ops/wkv7/chunked.py`;
+- `wkv6-chunked`: the chunked RWKV-6 kernel and decode step of `arwkv/ops/wkv6/chunked.py`;
 - `local-attention`: the sink + sliding-window attention of `arwkv/ops/local_attention.py`.
 
     python tools/check_copies.py          # exit 1 (and say where) when a copy differs
@@ -20,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "arwkv/models/arwkv/modeling_arwkv.py"
 BLOCKS = {
     "wkv7-chunked": REPO / "arwkv/ops/wkv7/chunked.py",
+    "wkv6-chunked": REPO / "arwkv/ops/wkv6/chunked.py",
     "local-attention": REPO / "arwkv/ops/local_attention.py",
 }
 SOURCE = BLOCKS["wkv7-chunked"]

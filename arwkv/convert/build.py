@@ -1,6 +1,6 @@
-"""Build an RWKV-7 student from a Hugging Face teacher: every tensor outside the replaced attention is
-copied bit-exactly; the new mixers start from the teacher's q/k/v/o ("copy", RADLADS) or from scratch
-("fresh", ARWKV).
+"""Build an RWKV-7 (or RWKV-6) student from a Hugging Face teacher: every tensor outside the replaced
+attention is copied bit-exactly; the new mixers start from the teacher's q/k/v/o ("copy", RADLADS) or from
+scratch ("fresh", ARWKV).
 
 Copy init choices (calibration-stories260k.md pitfalls 1-2):
 - q -> receptance, k -> key, v -> value (each KV head repeated for its query heads under GQA), o -> output,
@@ -15,6 +15,12 @@ Copy init choices (calibration-stories260k.md pitfalls 1-2):
 - output gate g ≡ 1 (g1 = 0, g2 rows summing to 2 with zero-mean noise to break the rank symmetry);
 - GroupNorm `ln_x` on: without it the linear-attention output is hundreds of times the teacher's;
 - decay, in-context rate, k_k, k_a, r_k, ln_x weights: BlinkDL's RWKV-7 init.
+
+RWKV-6 students (`version=6`) take the same q/k/v/o copies (GQA, biases, q/k norms, mixer_expand) and the
+token shift as a no-op (all `time_maa_*` mixes 0, the ddlerp LoRA's second factor 0); their decay, bonus
+and GroupNorm keep BlinkDL's RWKV-6 init, and so does the SiLU gate (orthogonal, gain 0.1): a zero gate
+would silence the mixer, and SiLU has no input that makes it ≡ 1. GroupNorm stays on for both inits (the
+published RWKV-6 design).
 """
 
 from __future__ import annotations
@@ -85,6 +91,12 @@ def copy_attention_into_mixer(attn: torch.nn.Module, mixer: ArwkvTimeMix, teache
             raise ValueError("copy init: use_qk_norm=True but the teacher attention has no q_norm/k_norm.")
         mixer.r_norm.weight.copy_(attn.q_norm.weight)
         mixer.k_norm.weight.copy_(attn.k_norm.weight)
+    if getattr(mixer, "version", 7) == 6:
+        if mixer.use_token_shift:  # every mix mu + LoRA(x) is exactly 0: each projection sees its own token
+            for name in ("x", "w", "k", "v", "r", "g"):
+                getattr(mixer, f"time_maa_{name}").zero_()
+            mixer.time_maa_w2.zero_()
+        return
     if mixer.use_token_shift:
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
             getattr(mixer, name).zero_()
@@ -103,7 +115,7 @@ def build_student(
 ) -> ArwkvForCausalLM:
     """An `ArwkvForCausalLM` built from `teacher` (a supported HF causal LM).
 
-    options: any `ArwkvConfig` mixer option (head_size, mixer_expand, use_gate, use_group_norm,
+    options: any `ArwkvConfig` mixer option (version, head_size, mixer_expand, use_gate, use_group_norm,
     use_token_shift, use_rope, use_qk_norm, rkv_bias, output_bias, lora_ranks, softmax_layers, local_window,
     local_sinks, wkv_backend,
     wkv_chunk_size).
@@ -115,6 +127,8 @@ def build_student(
     check_teacher(teacher)
     tcfg = teacher.config
     kwargs = {**_mixer_defaults(teacher, init), **options}
+    if int(options.get("version", 7)) == 6 and "use_group_norm" not in options:
+        kwargs["use_group_norm"] = True  # RWKV-6's ln_x, with either init
     tied = bool(getattr(tcfg, "tie_word_embeddings", False))
     config = ArwkvConfig(
         teacher_config=tcfg.to_dict(), tie_word_embeddings=tied and not untie_embeddings, **kwargs

@@ -38,3 +38,10 @@ def test_inlined_local_attention_matches_ops():
     source = tool.extract(tool.BLOCKS["local-attention"], "local-attention")
     assert "def sink_window_attention(" in source
     assert source == tool.extract(tool.TARGET, "local-attention"), "run `python tools/check_copies.py --fix`"
+
+
+def test_inlined_wkv6_kernel_matches_ops():
+    tool = load_tool()
+    source = tool.extract(tool.BLOCKS["wkv6-chunked"], "wkv6-chunked")
+    assert "def wkv6_chunked(" in source and "def wkv6_step(" in source
+    assert source == tool.extract(tool.TARGET, "wkv6-chunked"), "run `python tools/check_copies.py --fix`"

@@ -1,4 +1,4 @@
-"""Configuration of the arwkv student: the teacher's config (a plain dict) plus the RWKV-7 mixer options.
+"""Configuration of the arwkv student: the teacher's config (a plain dict) plus the RWKV mixer options.
 
 Ships inside every saved checkpoint as remote code, so it imports only transformers.
 """
@@ -10,7 +10,8 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 WKV_BACKENDS = ("auto", "chunked", "fla")
-LORA_KEYS = ("w", "a", "v", "g")
+LORA_KEYS = ("w", "a", "v", "g", "mix")  # "mix": RWKV-6's token-shift LoRA (version 6 only)
+VERSIONS = (6, 7)
 
 # Teacher fields that generic transformers code (generate, tying, resizing) reads from the top-level config.
 MIRRORED_TEACHER_FIELDS = (
@@ -31,20 +32,23 @@ MIRRORED_TEACHER_FIELDS = (
 
 
 class ArwkvConfig(PreTrainedConfig):
-    """A teacher decoder whose attention layers are RWKV-7 time mixing, except `softmax_layers`.
+    """A teacher decoder whose attention layers are RWKV-7 (or RWKV-6) time mixing, except `softmax_layers`.
 
     Args:
         teacher_config: the teacher's `config.to_dict()` (must contain `model_type`).
+        version: 7 = RWKV-7 time mixing (default); 6 = RWKV-6 ("Finch": data-dependent token shift, decay
+            LoRA, bonus u, GroupNorm, SiLU gate; `lora_ranks` keys "w" and "mix").
         head_size: RWKV head size N; default the teacher's head_dim.
         mixer_expand: r/k/v width as a multiple of the teacher's attention width (more WKV heads, more state
             per layer; copy init repeats the teacher's heads). 1 = the published RWKV-7/ARWKV layout.
-        use_gate: low-rank output gate `g = sigmoid(x_g g1) g2`.
+        use_gate: output gate: low-rank `g = sigmoid(x_g g1) g2` (version 7), `silu(gate(x_g))` (version 6).
         use_group_norm: per-head GroupNorm `ln_x` (eps 1e-5 * N) on the WKV output.
         use_token_shift: mix each token with the previous one (`x_r ... x_g`); off = mu fixed at 0.
         use_rope: apply the teacher's RoPE to r and k (teacher head layout).
         use_qk_norm: per-head RMSNorm on r and k (`r_norm`, `k_norm`), carried over from Qwen3's q/k norms.
         rkv_bias / output_bias: biases on receptance/key/value and on output (copied from Qwen2 / Llama).
-        lora_ranks: {"w","a","v","g"} -> rank; missing keys use the size-based default of RWKV-7.
+        lora_ranks: {"w","a","v","g"} (version 7) or {"w","mix"} (version 6) -> rank; missing keys use the
+            size-based defaults of that RWKV version.
         softmax_layers: layer indices that keep the teacher's softmax attention (hybrid).
         local_window: > 0 keeps, inside every mixer, the teacher's attention over the last `local_window`
             positions plus the first `local_sinks` tokens, and adds the RWKV output to it through a gain
@@ -60,6 +64,7 @@ class ArwkvConfig(PreTrainedConfig):
     def __init__(
         self,
         teacher_config: dict[str, Any] | None = None,
+        version: int = 7,
         head_size: int | None = None,
         mixer_expand: int = 1,
         use_gate: bool = True,
@@ -86,6 +91,7 @@ class ArwkvConfig(PreTrainedConfig):
         for key in MIRRORED_TEACHER_FIELDS:
             if key not in kwargs and key in teacher_config:
                 kwargs[key] = teacher_config[key]
+        self.version = int(version)
         self.head_size = head_size
         self.mixer_expand = int(mixer_expand)
         self.use_gate = use_gate
@@ -109,6 +115,8 @@ class ArwkvConfig(PreTrainedConfig):
             return  # an empty config (e.g. built by AutoConfig before from_dict fills it)
         if "model_type" not in self.teacher_config:
             raise ValueError("ArwkvConfig.teacher_config needs the teacher's 'model_type'.")
+        if self.version not in VERSIONS:
+            raise ValueError(f"version must be 6 (RWKV-6) or 7 (RWKV-7), got {self.version!r}.")
         if self.wkv_backend not in WKV_BACKENDS:
             raise ValueError(f"wkv_backend must be one of {WKV_BACKENDS}, got {self.wkv_backend!r}.")
         unknown = set(self.lora_ranks) - set(LORA_KEYS)
@@ -128,7 +136,10 @@ class ArwkvConfig(PreTrainedConfig):
             raise ValueError(f"mixer_expand must be a positive integer, got {self.mixer_expand}.")
         dim = self.mixer_dim
         if dim % self.wkv_head_size != 0:
-            raise ValueError(f"head_size {self.wkv_head_size} must divide the mixer width {dim}.")
+            raise ValueError(
+                f"head_size {self.wkv_head_size} must divide the mixer width {dim} (RWKV-{self.version} "
+                f"heads over mixer_expand x the teacher's attention width); pick a divisor of {dim}."
+            )
 
     @property
     def teacher_head_dim(self) -> int:

@@ -422,6 +422,245 @@ def wkv7(r, w, k, v, a, b, initial_state, cu_seqlens, backend: str, chunk_size: 
 
 
 # -----------------------------------------------------------------------------------------------------------
+# WKV-6 kernel (the `version: 6` mixer). The block between the markers is a verbatim copy of
+# arwkv/ops/wkv6/chunked.py (it uses the wkv7 block's chunk schedule above). fla conventions, argument order
+# (r, k, v, w, u): w = log-decay <= 0, u [H, K]; state [B, H, K, V] fp32 (rows = key):
+# o_t = (S_{t-1} + diag(u) k_t v_tᵀ)ᵀ r_t, S_t = diag(e^{w_t}) S_{t-1} + k_t v_tᵀ.
+
+
+# fmt: off
+# <wkv6-chunked>
+# RWKV-6 WKV, chunked form. Copied from arwkv/ops/wkv6/chunked.py (derivation: arwkv/ops/wkv6/README.md).
+# Any log-decay w <= 0 is safe: chunks whose cumulative decay exceeds e^{-40} take the sub-blocked path, whose
+# exponentials are all of differences <= 0 (README §3.2).
+
+_WKV6_SUB = 4  # sub-block length of the safe path: exact pairwise decays inside, one reference point between
+_WKV6_MAX_EXPONENT = 40.0  # fast path while a chunk's cumulative log-decay stays within e^{±40} (fp32-safe)
+_WKV6_GROUP_ROWS = 4096  # (chunk, head, position) rows per step group: intermediates stay cache-resident
+
+
+def _wkv6_intra_safe(r, k, gam, gm, sub: int) -> torch.Tensor:
+    """Strictly lower-triangular A [P, C, C], A_ij = Σ_d r_id k_jd e^{γ⁻_id - γ_jd} (j < i), for any decay.
+
+    Inside a sub-block the exponent is formed pairwise (masked to -inf above the diagonal before `exp`, so
+    neither values nor gradients see inf); for earlier sub-blocks both factors are scaled to the first row
+    of the query's sub-block, where e^{γ⁻_i - ref} <= 1 and e^{ref - γ_j} <= 1.
+    """
+    P, C, _ = r.shape
+    rows = []
+    for lo in range(0, C, sub):
+        hi = min(lo + sub, C)
+        n = hi - lo
+        diff = gm[:, lo:hi, None, :] - gam[:, None, lo:hi, :]  # [P, n, n, K]
+        below = torch.ones(n, n, dtype=torch.bool, device=r.device).tril(-1)[None, :, :, None]
+        e = torch.where(below, diff, float("-inf")).exp().to(r.dtype)
+        diag = (r[:, lo:hi, None, :] * k[:, None, lo:hi, :] * e).sum(-1)  # [P, n, n]
+        parts = [diag, r.new_zeros(P, n, C - hi)]
+        if lo > 0:
+            ref = gm[:, lo : lo + 1]  # = γ at the last row of the previous sub-block
+            q = r[:, lo:hi] * (gm[:, lo:hi] - ref).exp().to(r.dtype)
+            kk = k[:, :lo] * (ref - gam[:, :lo]).exp().to(r.dtype)
+            parts.insert(0, q @ kk.mT)
+        rows.append(torch.cat(parts, -1))
+    return torch.cat(rows, 1)
+
+
+def _wkv6_group(r, k, v, g, u, h, sizes: list[int], nxt: int):
+    """One group of chunk steps, inputs [P, C, ·] with P = sum(sizes) (chunk, head) rows, step-major.
+
+    h: state entering the group's first step (its first sizes[0] rows are used); nxt: rows that continue
+    after the group. Returns (O [P, C, V], state continuing [nxt, K, V], finished states: pieces of rows
+    [m, n) in the order the sequences end).
+    """
+    C = r.shape[1]
+    gam = g.cumsum(1)  # inclusive log-decay within the chunk, γ
+    if float(-gam[:, -1].detach().min()) <= _WKV6_MAX_EXPONENT:  # factorized: one matmul (README §3.2)
+        gm = gam - g  # exclusive, γ⁻: the output reads the state before its own token's decay
+        gC = gam[:, -1:]
+        rq = r * gm.exp()  # r ⊙ e^{γ⁻} (<= 1 factors): reads the entering state
+        ke = k * (-gam).exp()
+        kd = ke * gC.exp()  # k ⊙ e^{γ_C - γ}: writes the leaving state
+        above = torch.ones(C, C, dtype=torch.bool, device=r.device).triu()
+        A = (rq @ ke.mT).masked_fill_(above, 0)
+    else:  # strong decays: cumulative sums so large that their differences need fp64 (README §3.3)
+        g64 = g.double()
+        gam = g64.cumsum(1)
+        gm, gC = gam - g64, gam[:, -1:]
+        rq = r * gm.exp().to(r.dtype)
+        kd = k * (gC - gam).exp().to(r.dtype)
+        A = _wkv6_intra_safe(r, k, gam, gm, _WKV6_SUB)
+        gC = gC.to(r.dtype)
+    bonus = (r * u[:, None] * k).sum(-1, keepdim=True)  # r_i · diag(u) k_i: the current token's own write
+    O = torch.baddbmm(bonus * v, A, v)
+    KV = kd.mT @ v
+    eC = gC.exp().mT  # [P, K, 1]
+    outs, pieces, lo = [], [], 0
+    for i, n in enumerate(sizes):  # the only sequential part
+        h_in = h[:n]
+        outs.append(torch.baddbmm(O[lo : lo + n], rq[lo : lo + n], h_in))  # + (r ⊙ e^{γ⁻}) h_entering
+        h = torch.addcmul(KV[lo : lo + n], eC[lo : lo + n], h_in)  # e^{γ_C} ⊙ h + Σ_j (k_j e^{γ_C-γ_j}) v_jᵀ
+        m = sizes[i + 1] if i + 1 < len(sizes) else nxt
+        if m < n:  # sequences whose last chunk this was
+            pieces.append(h[m:])
+        lo += n
+    return torch.cat(outs), h[:nxt], pieces
+
+
+def _wkv6_run(r, k, v, w, u, h0, plan, scale: float, cdt: torch.dtype):
+    """All step groups: o [B*T*H, V] in v's dtype and the final states [N*H, K, V] in sorted order."""
+    active, rows, valid, H, C, V = plan
+    flat = [x.reshape(-1, x.shape[-1]) for x in (r, k, v, w)]  # rows = (token, head)
+    uc = u.to(cdt)
+    o = flat[2].new_empty(flat[2].shape[0], V)  # every (token, head) row is written exactly once below
+    h, pieces, n0, r0 = h0, [], 0, 0
+    while n0 < len(active):
+        n1, r1 = n0, r0
+        while n1 < len(active) and (n1 == n0 or r1 - r0 + active[n1] * H * C <= _WKV6_GROUP_ROWS):
+            r1 += active[n1] * H * C
+            n1 += 1
+        P = (r1 - r0) // C
+        r_, k_, v_, g = (x.index_select(0, rows[r0:r1]).view(P, C, -1).to(cdt) for x in flat)
+        if valid is not None:  # padding rows: decay 1, no write
+            keep = valid[r0:r1].view(P, C, 1)
+            k_, g = torch.where(keep, k_, 0), torch.where(keep, g, 0)
+        if scale != 1.0:
+            r_ = r_ * scale
+        sizes = [n * H for n in active[n0:n1]]
+        nxt = active[n1] * H if n1 < len(active) else 0
+        O, h, done = _wkv6_group(r_, k_, v_, g, uc.repeat(P // H, 1), h, sizes, nxt)
+        O, idx = O.reshape(-1, V).to(o.dtype), rows[r0:r1]
+        if valid is not None:
+            O, idx = O[valid[r0:r1]], idx[valid[r0:r1]]
+        o.index_copy_(0, idx, O)  # in place, also under autograd: no concatenation of all groups
+        pieces.extend(done)
+        n0, r0 = n1, r1
+    return o, torch.cat([*reversed(pieces), h0[active[0] * H :]])  # + empty sequences: final = initial
+
+
+class _Wkv6Chunked(torch.autograd.Function):
+    """Saves only the inputs; the backward recomputes the forward under autograd (exact, and the memory of a
+    checkpointed layer), always in the kernel's own dtype: an enclosing autocast never lowers it."""
+
+    @staticmethod
+    def forward(ctx, r, k, v, w, u, h0, plan, scale, cdt):
+        ctx.save_for_backward(r, k, v, w, u, h0)
+        ctx.plan, ctx.scale, ctx.cdt = plan, scale, cdt
+        return _wkv6_run(r, k, v, w, u, h0, plan, scale, cdt)
+
+    @staticmethod
+    def backward(ctx, do, dhT):
+        inputs = [
+            x.detach().requires_grad_(need)
+            for x, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:6], strict=True)
+        ]
+        wanted = [x for x in inputs if x.requires_grad]
+        with torch.enable_grad(), torch.autocast(do.device.type, enabled=False):
+            o, hT = _wkv6_run(*inputs, ctx.plan, ctx.scale, ctx.cdt)
+            got = iter(torch.autograd.grad((o, hT), wanted, (do, dhT), allow_unused=True))
+        grads = [next(got) if x.requires_grad else None for x in inputs]
+        return (*grads, None, None, None)
+
+
+def wkv6_chunked(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RWKV-6 WKV, fla layout: r, k, w (log-decay) [B, T, H, K]; v [B, T, H, V]; u [H, K]; state [N, H, K, V].
+
+    Returns (o [B, T, H, V] in v's dtype, final state in fp32 (fp64 for fp64 inputs) or None).
+    """
+    B, T, H, K = r.shape
+    V, dev, C = v.shape[-1], r.device, int(chunk_size)
+    cdt = torch.float64 if any(x.dtype == torch.float64 for x in (r, k, v, w, u)) else torch.float32
+    offsets = cu_seqlens.tolist() if cu_seqlens is not None else [i * T for i in range(B + 1)]
+    active, order, rows, valid, unsort = _wkv7_schedule(offsets, C, H, dev)
+    N = len(offsets) - 1
+    plan = (active, rows, valid, H, C, V)
+    with torch.autocast(dev.type, enabled=False):  # computes in cdt whatever an enclosing autocast says
+        if initial_state is None:
+            h0 = torch.zeros(N * H, K, V, dtype=cdt, device=dev)
+        else:
+            h0 = initial_state.to(cdt).index_select(0, order).reshape(N * H, K, V)
+        xs = (r, k, v, w, u, h0)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+            o, hT = _Wkv6Chunked.apply(*xs, plan, scale, cdt)
+        else:
+            o, hT = _wkv6_run(*xs, plan, scale, cdt)
+    final = hT.view(N, H, K, V).index_select(0, unsort) if output_final_state else None
+    return o.view(B, T, H, V), final
+
+
+def wkv6_step(r, k, v, w, u, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token (decode): r, k, w [B, 1, H, K], v [B, 1, H, V], u [H, K], state [B, H, K, V] fp32 (or fp64).
+    Returns (o [B, 1, H, V] in the state's dtype, new state)."""
+    r, k, v, w = (t[:, 0].to(state.dtype) for t in (r, k, v, w))
+    kv = k[..., None] * v[..., None, :]
+    o = torch.einsum("bhkv,bhk->bhv", state + u.to(state.dtype)[..., None] * kv, r)
+    return o[:, None], state * w.exp()[..., None] + kv
+
+
+# </wkv6-chunked>
+# fmt: on
+
+
+def _fla_kernels6():
+    try:
+        from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
+    except Exception:  # fla raises assorted errors when triton or the driver is missing
+        return None
+    return chunk_rwkv6, fused_recurrent_rwkv6
+
+
+def wkv6(r, k, v, w, u, initial_state, cu_seqlens, backend: str, chunk_size: int):
+    """The one place an RWKV-6 kernel is chosen. Returns (o [B, T, H, V] in v's dtype, final state fp32)."""
+    kernels = _fla_kernels6() if backend == "fla" or (backend == "auto" and r.is_cuda) else None
+    if backend == "fla" and kernels is None:
+        raise ImportError("wkv_backend='fla' needs flash-linear-attention and CUDA.")
+    if kernels is not None:
+        chunk, recurrent = kernels
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (r, k, v, w, u))
+        fn = recurrent if not needs_grad and r.shape[1] < 16 and cu_seqlens is None else chunk
+        o, state = fn(
+            r,
+            k,
+            v,
+            w,
+            u,
+            scale=1.0,
+            initial_state=initial_state,
+            output_final_state=True,
+            cu_seqlens=cu_seqlens,
+        )
+        return o.to(v.dtype), state
+    if r.shape[1] == 1 and cu_seqlens is None:
+        sdt = torch.float64 if r.dtype == torch.float64 else torch.float32
+        if initial_state is None:
+            initial_state = torch.zeros(*k.shape[::2], k.shape[-1], v.shape[-1], device=k.device, dtype=sdt)
+        o, state = wkv6_step(r, k, v, w, u, initial_state.to(sdt))
+        return o.to(v.dtype), state
+    return wkv6_chunked(
+        r,
+        k,
+        v,
+        w,
+        u,
+        scale=1.0,
+        initial_state=initial_state,
+        output_final_state=True,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
+    )
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Teacher modules
 
 
@@ -554,6 +793,12 @@ def default_lora_ranks(hidden_size: int) -> dict[str, int]:
     return {"w": size(2.5), "a": size(2.5), "v": size(1.7), "g": size(5.0)}
 
 
+def default_lora_ranks6(hidden_size: int) -> dict[str, int]:
+    """RWKV-6's LoRA ranks (BlinkDL's x060): decay 64 and token-shift mix 32, doubled from width 4096 up."""
+    big = hidden_size >= 4096
+    return {"w": 128 if big else 64, "mix": 64 if big else 32}
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Token shift
 
@@ -622,6 +867,8 @@ class ArwkvTimeMix(nn.Module):
     Input x is the layer's `input_layernorm` output [B, T, C]; r/k/v have width D = teacher heads × head_dim,
     split into H = D / N WKV heads of size N. Parameter names follow the published ARWKV checkpoints.
     """
+
+    version = 7
 
     def __init__(
         self,
@@ -843,6 +1090,175 @@ class ArwkvTimeMix(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# RWKV-6 time mixing (`version: 6`)
+
+# log-decay -exp(w_raw): capped so that it stays finite (e^{-e^{10}} is already 0 in any float)
+W6_RAW_MAX = 10.0
+MIX6 = ("w", "k", "v", "r", "g")  # order of the five data-dependent token-shift mixes (BlinkDL's x060)
+
+
+class ArwkvTimeMix6(ArwkvTimeMix):
+    """RWKV-6 ("Finch") time mixing in place of a teacher's self-attention: data-dependent token shift
+    (ddlerp, a LoRA of five mixes), decay LoRA, bonus u, per-head GroupNorm, SiLU output gate
+    (arwkv/ops/wkv6/README.md). Parameter names follow BlinkDL's RWKV-6 checkpoints (`time_maa_*`,
+    `time_decay*`, `time_faaaa`). Same call signature and state as `ArwkvTimeMix` (no value residual:
+    v_first passes through untouched); teacher-layout helpers (q/k norms, RoPE, local branch) are shared.
+    """
+
+    version = 6
+
+    def __init__(
+        self,
+        config: ArwkvConfig,
+        layer_idx: int,
+        norm_class: type[nn.Module] | None = None,
+        local_attention: nn.Module | None = None,
+    ):
+        nn.Module.__init__(self)
+        C, D, N = config.hidden_size, config.mixer_dim, config.wkv_head_size
+        self.layer_idx, self.num_layers = layer_idx, config.num_hidden_layers
+        self.hidden_size, self.dim, self.head_size, self.num_heads = C, D, N, D // N
+        self.teacher_head_dim = config.teacher_head_dim
+        self.is_first = False  # no value residual in RWKV-6
+        self.use_token_shift, self.use_rope = config.use_token_shift, config.use_rope
+        self.backend, self.chunk_size = config.wkv_backend, config.wkv_chunk_size
+        ranks = {**default_lora_ranks6(C), **config.lora_ranks}
+
+        if self.use_token_shift:
+            for name in ("x", *MIX6):
+                setattr(self, f"time_maa_{name}", nn.Parameter(torch.zeros(1, 1, C)))
+            self.time_maa_w1 = nn.Parameter(torch.zeros(C, len(MIX6) * ranks["mix"]))
+            self.time_maa_w2 = nn.Parameter(torch.zeros(len(MIX6), ranks["mix"], C))
+        self.time_decay = nn.Parameter(torch.zeros(1, 1, D))
+        self.time_decay_w1 = nn.Parameter(torch.zeros(C, ranks["w"]))
+        self.time_decay_w2 = nn.Parameter(torch.zeros(ranks["w"], D))
+        self.time_faaaa = nn.Parameter(torch.zeros(self.num_heads, N))  # the bonus u
+
+        self.receptance = nn.Linear(C, D, bias=config.rkv_bias)
+        self.key = nn.Linear(C, D, bias=config.rkv_bias)
+        self.value = nn.Linear(C, D, bias=config.rkv_bias)
+        self.gate = nn.Linear(C, D, bias=False) if config.use_gate else None
+        self.output = nn.Linear(D, C, bias=config.output_bias)
+        # RWKV-6's GroupNorm eps: 1e-5 * head_size_divisor² with divisor 8, whatever the head size
+        self.ln_x = nn.GroupNorm(self.num_heads, D, eps=64e-5) if config.use_group_norm else None
+        if config.use_qk_norm:
+            if norm_class is None:
+                raise ValueError("use_qk_norm needs the teacher's RMSNorm class.")
+            self.r_norm = norm_class(self.teacher_head_dim, eps=config.rms_norm_eps)
+            self.k_norm = norm_class(self.teacher_head_dim, eps=config.rms_norm_eps)
+        else:
+            self.r_norm = self.k_norm = None
+        self.local_attn = local_attention
+        if local_attention is not None:
+            self.state_gain = nn.Parameter(torch.zeros(C))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """BlinkDL's RWKV-6 init (x060); tensors loaded from a checkpoint are kept."""
+        C, D, N, l, L = self.hidden_size, self.dim, self.head_size, self.layer_idx, self.num_layers
+        r01 = l / (L - 1) if L > 1 else 0.0
+        r10 = 1.0 - l / L
+        ddd = torch.arange(C, dtype=torch.float32) / C
+        if self.use_token_shift:
+            for name, mu in (
+                ("x", 1.0 - ddd.pow(r10)),
+                ("w", 1.0 - ddd.pow(r10)),
+                ("k", 1.0 - ddd.pow(r10)),
+                ("v", 1.0 - (ddd.pow(r10) + 0.3 * r01)),
+                ("r", 1.0 - ddd.pow(0.5 * r10)),
+                ("g", 1.0 - ddd.pow(0.5 * r10)),
+            ):
+                _init_copy(getattr(self, f"time_maa_{name}"), mu.view(1, 1, C))
+            _init_copy(self.time_maa_w1, 0.0)
+            if not _guarded(self.time_maa_w2):
+                nn.init.uniform_(self.time_maa_w2, -0.01, 0.01)
+        n = torch.arange(D, dtype=torch.float32)
+        _init_copy(self.time_decay, (-6 + 5 * (n / max(D - 1, 1)).pow(0.7 + 1.3 * r01)).view(1, 1, D))
+        _init_copy(self.time_decay_w1, 0.0)
+        if not _guarded(self.time_decay_w2):
+            nn.init.uniform_(self.time_decay_w2, -0.01, 0.01)
+        u = r01 * (1 - n / max(D - 1, 1)) + ((n + 1) % 3 - 1) * 0.1
+        _init_copy(self.time_faaaa, u.view(self.num_heads, N))
+        _init_orthogonal(self.receptance.weight, 1.0)
+        _init_orthogonal(self.key.weight, 0.1)
+        _init_orthogonal(self.value.weight, 1.0)
+        if self.gate is not None:
+            _init_orthogonal(self.gate.weight, 0.1)
+        _init_orthogonal(self.output.weight, 0.0)
+        for linear in (self.receptance, self.key, self.value, self.output):
+            if linear.bias is not None:
+                _init_copy(linear.bias, 0.0)
+        if self.ln_x is not None:
+            _init_copy(self.ln_x.weight, 1.0)
+            _init_copy(self.ln_x.bias, 0.0)
+        for norm in (self.r_norm, self.k_norm):
+            if norm is not None:
+                _init_copy(norm.weight, 1.0)
+        if self.local_attn is not None:
+            _init_copy(self.state_gain, 0.0)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        v_first: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        layer_state: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        local_state: LocalWindowState | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor | None, torch.Tensor]]:
+        """Mix [B, T, C] -> [B, T, C]; arguments and returns as `ArwkvTimeMix.forward` (v_first unused)."""
+        x = hidden_states
+        B, T, _ = x.shape
+        H, N = self.num_heads, self.head_size
+        shift_state, wkv_state = layer_state if layer_state is not None else (None, None)
+        mask = attention_mask.bool() if attention_mask is not None else None
+
+        if self.use_token_shift:
+            prev, new_shift = token_shift(x, shift_state, mask, cu_seqlens)
+            xx = prev - x
+            # ddlerp: each mix = a static mu plus a low-rank function of the shifted input
+            lora = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1).view(B, T, len(MIX6), -1)
+            dyn = torch.einsum("btfr,frc->fbtc", lora, self.time_maa_w2)
+            xw, xk, xv, xr, xg = (
+                x + xx * (getattr(self, f"time_maa_{name}") + d) for name, d in zip(MIX6, dyn, strict=True)
+            )
+        else:
+            new_shift = None
+            xw = xk = xv = xr = xg = x
+
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
+        if self.r_norm is not None:
+            r, k = self._per_teacher_head(self.r_norm, r), self._per_teacher_head(self.k_norm, k)
+        if self.use_rope:
+            cos, sin = (t.unsqueeze(-2) for t in position_embeddings)
+            rope = lambda t: t * cos + rotate_half(t) * sin
+            r, k = self._per_teacher_head(rope, r), self._per_teacher_head(rope, k)
+        # decay in fp32 log space (decays near 1 round to 1 in bf16); decay = exp(-exp(w_raw))
+        f32 = torch.promote_types(xw.dtype, torch.float32)
+        w_raw = self.time_decay.to(f32) + torch.tanh(xw.to(f32) @ self.time_decay_w1.to(f32)) @ (
+            self.time_decay_w2.to(f32)
+        )
+        log_w = -torch.exp(w_raw.clamp(max=W6_RAW_MAX))
+
+        inputs = [r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), log_w.view(B, T, H, N)]
+        if mask is not None:  # padded tokens: no decay, no write (`where`: pads may hold inf)
+            keep = mask[:, :, None, None]
+            inputs = [torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in inputs]
+        o, new_wkv = wkv6(*inputs, self.time_faaaa, wkv_state, cu_seqlens, self.backend, self.chunk_size)
+        o = o.reshape(B, T, -1)
+        if self.ln_x is not None:
+            o = self.ln_x(o.reshape(B * T, -1)).view(B, T, -1)
+        if self.gate is not None:
+            o = o * F.silu(self.gate(xg))
+        out = self.output(o)
+        if self.local_attn is not None:
+            local = self._local(x, mask, cu_seqlens, position_embeddings, local_state)
+            out = local + out * self.state_gain
+        return out, v_first, (new_shift, new_wkv)
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Decoder layer
 
 
@@ -865,7 +1281,8 @@ class ArwkvDecoderLayer(GradientCheckpointingLayer):
                 local_config._attn_implementation = LOCAL_ATTENTION
                 local = modules.attention(local_config, layer_idx)
                 local.local_window, local.local_sinks = config.local_window, config.local_sinks
-            self.self_attn = ArwkvTimeMix(config, layer_idx, modules.norm, local)
+            mixer = ArwkvTimeMix6 if config.version == 6 else ArwkvTimeMix
+            self.self_attn = mixer(config, layer_idx, modules.norm, local)
         else:
             self.self_attn = modules.attention(teacher_config, layer_idx)
         layer_types = getattr(teacher_config, "layer_types", None)
@@ -1414,6 +1831,9 @@ __all__ = [
     "ArwkvModel",
     "ArwkvPreTrainedModel",
     "ArwkvTimeMix",
+    "ArwkvTimeMix6",
+    "wkv6",
+    "wkv6_chunked",
     "wkv7",
     "wkv7_chunked",
 ]
