@@ -47,6 +47,12 @@ def llamacpp_layout_problems(student: ArwkvForCausalLM) -> list[LayoutProblem]:
     """`llamacpp_problems` with the student option that avoids each one."""
     problems = layout_problems(student)
     cfg = student.config
+    if getattr(cfg, "version", 7) == 6:  # the GGUF written here is arwkv7's; llama.cpp's rwkv6qwen2 is not
+        problems.append(
+            LayoutProblem(
+                "RWKV-6 mixers: the llama.cpp export writes arwkv7 (RWKV-7) GGUFs only", ("version=7",)
+            )
+        )
     if cfg.softmax_layers:  # supersedes the format's own softmax-layer problems
         problems = [p for p in problems if "softmax_layers=[]" not in p.options]
         problems.append(

@@ -6,6 +6,14 @@ mixer under `model.layers.{i}.self_attn.time_mixer.*`, head size 64 and LoRA ran
 the published modeling code). The student keeps the teacher's names with its mixer at `self_attn`, so the key
 map is "drop `time_mixer.`"; only the shapes of the (1,1,C) vectors differ. A student whose LoRA ranks are
 smaller than the format's is exported with zero-padded LoRAs, which compute the same function (`pad_lora`).
+
+`wkv_version: 6` selects an RWKV-6 mixer. The format description names only the RWKV-7 tensors; for version 6
+this module uses BlinkDL's RWKV-6 names, on which RWKVInside's RWKV-6 code is built (not checked against a
+released version-6 file): `time_maa_x/w/k/v/r/g` (1,1,C), `time_maa_w1` (C, 5·32), `time_maa_w2` (5, 32, C),
+`time_decay` (1,1,C), `time_decay_w1/w2` (C, 64) / (64, C), `time_faaaa` (H, N), `receptance key value output
+.weight`, `gate.weight` with `wkv_has_gate`, `ln_x` with `wkv_has_group_norm`; LoRA ranks 64/128 from width
+4096 up (BlinkDL's rule); GroupNorm eps 1e-5 · head_size_divisor². The forward is `ArwkvTimeMix6`
+(arwkv/ops/wkv6/README.md).
 """
 
 from __future__ import annotations
@@ -28,6 +36,15 @@ ARCHITECTURE = "RwkvHybridForCausalLM"
 HEAD_SIZE = 64
 LORA_RANKS = {"w": 64, "a": 64, "v": 32, "g": 128}  # hard-coded in the published modeling code
 LORA_NAMES = tuple(f"{m}{i}" for m in LORA_RANKS for i in (1, 2))
+MIX6 = "wkvrg"  # RWKV-6's five data-dependent token-shift mixes, in the order of time_maa_w1's blocks
+
+
+def lora_ranks6(hidden: int) -> dict[str, int]:
+    """RWKV-6 LoRA ranks (BlinkDL's x060): decay 64 and token-shift mix 32, doubled from width 4096 up."""
+    big = hidden >= 4096
+    return {"w": 128 if big else 64, "mix": 64 if big else 32}
+
+
 MIXER = "self_attn.time_mixer."
 # Qwen2 fields copied between the hybrid config and the student's teacher_config.
 QWEN2_FIELDS = (
@@ -67,6 +84,7 @@ class HybridLayout:
     group_norm: bool
     wkv_layers: tuple[int, ...]
     tie: bool
+    version: int = 7
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> HybridLayout:
@@ -88,18 +106,19 @@ class HybridLayout:
         ]
         if missing:
             raise CheckpointError(f"rwkv_hybrid config.json lacks {missing}.")
-        if cfg.get("wkv_version", 7) != 7:
+        version = cfg.get("wkv_version", 7)
+        if version not in (6, 7):
             raise CheckpointError(
-                f"wkv_version {cfg['wkv_version']} is not supported: arwkv runs RWKV-7 mixers only "
-                "(wkv_version 7)."
+                f"wkv_version {version} is not supported: arwkv runs RWKV-7 (wkv_version 7) and RWKV-6 "
+                "(wkv_version 6) mixers."
             )
-        if not cfg.get("wkv_use_vfirst", True):
+        if version == 7 and not cfg.get("wkv_use_vfirst", True):
             raise CheckpointError(
                 "wkv_use_vfirst is false, but the published RWKV-7 mixer always uses v_first."
             )
         n, c = cfg["num_hidden_layers"], cfg["hidden_size"]
         wkv = _wkv_layers(cfg.get("wkv_layers"), n)
-        if 0 not in wkv:
+        if version == 7 and 0 not in wkv:
             # The published mixer sets v_first only in layer 0; without it the later RWKV layers have none.
             raise CheckpointError(
                 f"wkv_layers {list(wkv)} does not contain layer 0, which the published code "
@@ -120,6 +139,7 @@ class HybridLayout:
             group_norm=bool(cfg.get("wkv_has_group_norm", False)),
             wkv_layers=wkv,
             tie=bool(cfg.get("tie_word_embeddings", False)),
+            version=version,
         )
 
     @property
@@ -159,6 +179,11 @@ class HybridLayout:
                 }
                 continue
             t = p + MIXER
+            if self.version == 6:
+                shapes |= self._shapes6(t)
+                if not self.gate:
+                    optional.add(t + "time_maa_g")  # the gate's mix, never read without a gate
+                continue
             shapes |= {t + f"x_{m}": (1, 1, C) for m in "rwkvag"}
             for m, r in LORA_RANKS.items():
                 shapes |= {t + f"{m}1": (C, r), t + f"{m}2": (r, C)}
@@ -181,6 +206,28 @@ class HybridLayout:
             if i == 0:
                 optional |= {t + "v0", t + "v1", t + "v2"}  # layer 0 has no value residual
         return shapes, optional
+
+    def _shapes6(self, t: str) -> dict[str, tuple[int, ...]]:
+        C, H, N = self.hidden, self.hidden // self.head_size, self.head_size
+        ranks = lora_ranks6(C)
+        shapes = {t + f"time_maa_{m}": (1, 1, C) for m in "x" + MIX6}
+        shapes |= {
+            t + "time_maa_w1": (C, len(MIX6) * ranks["mix"]),
+            t + "time_maa_w2": (len(MIX6), ranks["mix"], C),
+            t + "time_decay": (1, 1, C),
+            t + "time_decay_w1": (C, ranks["w"]),
+            t + "time_decay_w2": (ranks["w"], C),
+            t + "time_faaaa": (H, N),
+        }
+        names = ("receptance", "key", "value", "output") + (("gate",) if self.gate else ())
+        shapes |= {t + f"{n}.weight": (C, C) for n in names}
+        if self.group_norm:
+            shapes |= {t + "ln_x.weight": (C,), t + "ln_x.bias": (C,)}
+        return shapes
+
+    @property
+    def lora_ranks(self) -> dict[str, int]:
+        return lora_ranks6(self.hidden) if self.version == 6 else dict(LORA_RANKS)
 
 
 def _wkv_layers(value: Any, n: int) -> tuple[int, ...]:
@@ -257,8 +304,8 @@ def check_state_dict(layout: HybridLayout, sd: dict[str, torch.Tensor]) -> None:
     ]
     if problems:
         raise CheckpointError(
-            "the rwkv_hybrid checkpoint does not match its config.json (head size "
-            f"{layout.head_size}, LoRA ranks {LORA_RANKS}, gate {layout.gate}, GroupNorm "
+            f"the rwkv_hybrid checkpoint does not match its config.json (wkv_version {layout.version}, head "
+            f"size {layout.head_size}, LoRA ranks {layout.lora_ranks}, gate {layout.gate}, GroupNorm "
             f"{layout.group_norm}, wkv_layers {list(layout.wkv_layers)}): " + "; ".join(problems)
         )
 
@@ -291,6 +338,7 @@ def student_config(cfg: dict[str, Any], wkv_backend: str = "auto") -> ArwkvConfi
     layout = HybridLayout.from_config(cfg)
     opts: dict[str, Any] = dict(
         teacher_config=teacher_config_from_hybrid(cfg),
+        version=layout.version,
         head_size=layout.head_size,
         use_gate=layout.gate,
         use_group_norm=layout.group_norm,
@@ -299,10 +347,17 @@ def student_config(cfg: dict[str, Any], wkv_backend: str = "auto") -> ArwkvConfi
         use_qk_norm=False,
         rkv_bias=False,
         output_bias=False,
-        lora_ranks=dict(LORA_RANKS),
+        lora_ranks=layout.lora_ranks,
         softmax_layers=[i for i in range(layout.layers) if i not in layout.wkv_layers],
         wkv_backend=wkv_backend,
     )
+    if layout.version == 6:  # the RWKV-6 mixer's GroupNorm eps is RWKV-6's fixed 64e-5
+        if layout.group_norm and abs(layout.group_norm_eps - 64e-5) > 1e-15:
+            raise CheckpointError(
+                f"GroupNorm eps {layout.group_norm_eps:g} (head_size_divisor {layout.head_size_divisor}) "
+                "differs from RWKV-6's 64e-5 (head_size_divisor 8), the only one arwkv's RWKV-6 mixer has."
+            )
+        return ArwkvConfig(**opts)
     supported = _config_options()
     # Options the published forward fixes; passed only where the student has them, else checked for equality.
     if "gate_bias_one" in supported:
@@ -400,6 +455,8 @@ def _is_unused_student_param(key: str, layout: HybridLayout) -> bool:
     """Student parameters the published forward never reads: layer 0's value-residual LoRA, and the gate's
     token-shift mix of a gate-free mixer."""
     name = key.rsplit(".", 1)[-1]
+    if layout.version == 6:
+        return not layout.gate and ".self_attn." in key and name == "time_maa_g"
     in_layer0 = key.startswith("model.layers.0.self_attn.") and name in ("v0", "v1", "v2")
     return in_layer0 or (not layout.gate and ".self_attn." in key and name == "x_g")
 
@@ -510,6 +567,8 @@ def layout_problems(student: ArwkvForCausalLM) -> list[LayoutProblem]:
                 ("local_window=0",),
             )
         )
+    if getattr(cfg, "version", 7) == 6:
+        return problems + _rank_problems6(student)
     if cfg.softmax_layers and 0 in cfg.softmax_layers:
         problems.append(
             P(
@@ -525,6 +584,51 @@ def layout_problems(student: ArwkvForCausalLM) -> list[LayoutProblem]:
         what = f"LoRA ranks {ranks} (the format fixes {want}; smaller ranks are zero-padded, larger are not)"
         problems.append(P(what, fix))
     return problems
+
+
+def _rank_problems6(student: ArwkvForCausalLM) -> list[LayoutProblem]:
+    want = lora_ranks6(student.config.teacher_config["hidden_size"])
+    have = student_ranks6(student)
+    if all(have.get(k, 0) <= r for k, r in want.items()):
+        return []
+    fix = ("lora_ranks={" + ", ".join(f"{k}: {v}" for k, v in want.items()) + "}",)
+    what = (
+        f"RWKV-6 LoRA ranks {have} (the format fixes {want}; smaller ranks are zero-padded, larger are not)"
+    )
+    return [LayoutProblem(what, fix)]
+
+
+def student_ranks6(student: ArwkvForCausalLM) -> dict[str, int]:
+    """An RWKV-6 student's LoRA ranks, from the first RWKV layer's weights (none without token shift)."""
+    m = student.model.layers[student.config.rwkv_layers[0]].self_attn
+    ranks = {"w": m.time_decay_w1.shape[1]}
+    if hasattr(m, "time_maa_w2"):
+        ranks["mix"] = m.time_maa_w2.shape[1]
+    return ranks
+
+
+def pad_mix6(value: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """RWKV-6's token-shift LoRA at a larger rank: time_maa_w1 (C, 5r) is five blocks of r columns (one per
+    mix), time_maa_w2 (5, r, C) five r-row factors; zero columns in each block and zero rows in each factor
+    add tanh(0) · 0 = 0 to every mix."""
+    shape = tuple(shape)
+    if tuple(value.shape) == shape:
+        return value
+    n = len(MIX6)
+    if name.endswith("time_maa_w1") and value.dim() == 2 and value.shape[0] == shape[0]:
+        r, R = value.shape[1] // n, shape[1] // n
+        if r <= R:
+            out = value.new_zeros(shape[0], n, R)
+            out[:, :, :r] = value.view(shape[0], n, r)
+            return out.view(shape)
+    if name.endswith("time_maa_w2") and value.dim() == 3 and value.shape[::2] == shape[::2]:
+        if value.shape[1] <= shape[1]:
+            out = value.new_zeros(shape)
+            out[:, : value.shape[1]] = value
+            return out
+    raise CheckpointError(
+        f"{name}: LoRA factor {tuple(value.shape)} cannot be zero-padded to the format's {shape}."
+    )
 
 
 def student_ranks(student: ArwkvForCausalLM) -> dict[str, int]:
@@ -550,16 +654,18 @@ def hybrid_config_from_student(student: ArwkvForCausalLM, untie: bool = False) -
     out = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
     out |= {k: t[k] for k in QWEN2_FIELDS if t.get(k) is not None}
     gn_eps = getattr(cfg, "group_norm_eps", None) or 1e-5 * cfg.wkv_head_size
+    if getattr(cfg, "version", 7) == 6:
+        gn_eps = 64e-5  # RWKV-6's GroupNorm (head_size_divisor 8)
     out |= {
         "rope_theta": rope,
         "num_key_value_heads": t.get("num_key_value_heads", t["num_attention_heads"]),
         "tie_word_embeddings": bool(cfg.tie_word_embeddings) and not untie,
         "head_size": cfg.wkv_head_size,
         "head_size_divisor": _divisor(gn_eps),
-        "wkv_version": 7,
+        "wkv_version": getattr(cfg, "version", 7),
         "wkv_has_gate": bool(cfg.use_gate),
         "wkv_has_group_norm": bool(cfg.use_group_norm),
-        "wkv_use_vfirst": True,
+        "wkv_use_vfirst": getattr(cfg, "version", 7) == 7,
         "wkv_layers": cfg.rwkv_layers,
         "torch_dtype": str(next(student.parameters()).dtype).removeprefix("torch."),
     }
@@ -685,12 +791,17 @@ def _hybrid_tensors(student: ArwkvForCausalLM, layout: HybridLayout) -> dict[str
     sd: dict[str, torch.Tensor] = {}
     for key, value in student.state_dict().items():
         name = student_to_hybrid_key(key, rwkv)
-        if not layout.gate and name.endswith(MIXER + "x_g"):
-            continue  # the published gate-free mixer has no x_g
+        if not layout.gate and name.endswith((MIXER + "x_g", MIXER + "time_maa_g")):
+            continue  # the published gate-free mixer has no gate mix
         if name not in shapes:
             raise CheckpointError(f"the student's {key} has no place in the rwkv_hybrid format.")
         value = value.detach()
-        if MIXER in name and name.rsplit(".", 1)[-1] in LORA_NAMES:
+        short = name.rsplit(".", 1)[-1]
+        if MIXER in name and layout.version == 6 and short in ("time_decay_w1", "time_decay_w2"):
+            value = pad_lora(value, shapes[name], key)
+        elif MIXER in name and layout.version == 6 and short in ("time_maa_w1", "time_maa_w2"):
+            value = pad_mix6(value, shapes[name], key)
+        elif MIXER in name and layout.version == 7 and short in LORA_NAMES:
             value = pad_lora(value, shapes[name], key)
         sd[name] = _fit(value, shapes[name], key)
     if layout.tie:
@@ -698,8 +809,13 @@ def _hybrid_tensors(student: ArwkvForCausalLM, layout: HybridLayout) -> dict[str
     else:
         sd.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])
     for i in layout.wkv_layers:  # no token shift in the student = mixes fixed at 0, which the format can hold
-        for m in "rwkva" + ("g" if layout.gate else ""):
-            name = f"model.layers.{i}.{MIXER}x_{m}"
+        if layout.version == 6:
+            names = [f"time_maa_{m}" for m in "xwkvr" + ("g" if layout.gate else "")]
+            names += ["time_maa_w1", "time_maa_w2"]
+        else:
+            names = [f"x_{m}" for m in "rwkva" + ("g" if layout.gate else "")]
+        for short in names:
+            name = f"model.layers.{i}.{MIXER}{short}"
             sd.setdefault(name, torch.zeros(shapes[name]))
     missing = [k for k in shapes if k not in sd and k not in optional]
     if missing:

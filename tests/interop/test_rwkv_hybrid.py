@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from hybrid6_fixtures import hybrid_config6, make_hybrid6, reference_logits6  # noqa: E402
 from hybrid_fixtures import (  # noqa: E402
     RANKS,
     hybrid_config,
@@ -287,12 +288,12 @@ MIX = "model.layers.1.self_attn.time_mixer."
         (lambda c, s: s.update({MIX + "bogus": torch.zeros(3)}), f"1 unknown keys: {MIX}bogus"),
         (lambda c, s: s.update({MIX + "w1": torch.zeros(128, 32)}), rf"{MIX}w1: \(128, 32\) \(expected"),
         (lambda c, s: s.update({MIX + "ln_x.weight": torch.ones(128)}), f"unknown keys: {MIX}ln_x.weight"),
-        (lambda c, s: c.update(wkv_version=6), "wkv_version 6 is not supported"),
+        (lambda c, s: c.update(wkv_version=5), "wkv_version 5 is not supported"),
         (lambda c, s: c.update(wkv_layers=[1]), "does not contain layer 0"),
         (lambda c, s: c.update(wkv_layers=[0, 5]), r"wkv_layers \[5\] are outside"),
         (lambda c, s: c.update(wkv_use_vfirst=False), "wkv_use_vfirst is false"),
     ],
-    ids=["missing", "unknown", "shape", "groupnorm-off", "rwkv6", "no-layer0", "out-of-range", "no-vfirst"],
+    ids=["missing", "unknown", "shape", "groupnorm-off", "rwkv5", "no-layer0", "out-of-range", "no-vfirst"],
 )
 def test_bad_checkpoints_are_named(tmp_path: Path, mutate, message: str) -> None:
     path = _write(tmp_path, mutate)
@@ -340,3 +341,134 @@ def test_fla_backend_on_gpu(tmp_path: Path) -> None:
     with torch.no_grad():
         got = model(torch.tensor([IDS], device="cuda")).logits[0].double().cpu()
     torch.testing.assert_close(got, reference_logits(cfg, sd, IDS), atol=2e-3, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# wkv_version 6: RWKV-6 mixers
+
+CASES6 = {
+    "gated+groupnorm": dict(gate=True, group_norm=True),
+    "gate-free": dict(gate=False),
+    "hybrid-softmax-layer0": dict(layers=3, wkv_layers=[1, 2], gate=True, group_norm=True),  # no v_first
+    "tied": dict(tie=True, gate=True, group_norm=True, wkv_layers="full"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES6))
+def test_v6_hand_written_checkpoint_matches_per_token_equations(tmp_path: Path, case: str) -> None:
+    cfg = hybrid_config6(**CASES6[case])
+    sd = make_hybrid6(cfg)
+    write_hybrid(tmp_path, cfg, sd)
+    model = load_rwkv_hybrid(tmp_path, dtype=torch.float64, wkv_backend="chunked")
+    assert model.config.version == 6
+    ref = reference_logits6(cfg, sd, IDS)
+    assert ref.abs().max() > 1.0
+    torch.testing.assert_close(_logits(model, IDS), ref, atol=ATOL, rtol=RTOL)
+    # decoding token by token carries the RWKV-6 state: same logits
+    out = model(torch.tensor([IDS[:3]]), use_cache=True)
+    steps = [out.logits[0]]
+    for tok in IDS[3:]:
+        out = model(torch.tensor([[tok]]), cache=out.cache, use_cache=True)
+        steps.append(out.logits[0])
+    torch.testing.assert_close(torch.cat(steps), ref, atol=ATOL, rtol=RTOL)
+
+
+def test_v6_every_weight_is_read(tmp_path: Path) -> None:
+    cfg = hybrid_config6(layers=2, gate=True, group_norm=True)
+    sd = make_hybrid6(cfg)
+    write_hybrid(tmp_path / "base", cfg, sd)
+    base = _logits(load_rwkv_hybrid(tmp_path / "base", dtype=torch.float64), IDS)
+    mixer = [k for k in sd if ".time_mixer." in k]
+    for i, key in enumerate(mixer[1::2]):
+        bent = dict(sd)
+        bent[key] = sd[key] + 0.05 * torch.randn_like(sd[key])
+        write_hybrid(tmp_path / str(i), cfg, bent)
+        moved = _logits(load_rwkv_hybrid(tmp_path / str(i), dtype=torch.float64), IDS)
+        assert (moved - base).abs().max() > 1e-6, key
+
+
+@pytest.mark.parametrize("case", list(CASES6))
+def test_v6_export_load_round_trip(tmp_path: Path, case: str) -> None:
+    cfg = hybrid_config6(**CASES6[case])
+    sd = make_hybrid6(cfg)
+    write_hybrid(tmp_path / "a", cfg, sd)
+    model = load_rwkv_hybrid(tmp_path / "a", dtype=torch.float32)
+    export_rwkv_hybrid(model, tmp_path / "b")
+    again = load_rwkv_hybrid(tmp_path / "b")
+    assert torch.equal(_logits(model, IDS), _logits(again, IDS))
+    exported = read_state_dict(tmp_path / "b")
+    assert set(exported) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(exported[k], v), k
+    written = json.loads((tmp_path / "b" / "config.json").read_text())
+    for key in ("wkv_version", "wkv_has_gate", "wkv_has_group_norm", "head_size", "head_size_divisor"):
+        assert written[key] == cfg[key], key
+
+
+def _student6(**opts) -> ArwkvForCausalLM:
+    defaults = dict(version=6, head_size=64, use_group_norm=True)
+    torch.manual_seed(0)
+    model = ArwkvForCausalLM(ArwkvConfig(teacher_config=_qwen2_teacher(), **(defaults | opts)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(),
+        dict(use_gate=False, use_group_norm=False),
+        dict(softmax_layers=[0]),
+        dict(use_token_shift=False),
+    ],
+    ids=["gated", "gate-free", "hybrid-layer0", "no-token-shift"],
+)
+def test_v6_student_export_round_trip(tmp_path: Path, opts: dict) -> None:
+    student = _student6(**opts)
+    assert export_problems(student) == []
+    export_rwkv_hybrid(student, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["wkv_version"] == 6 and cfg["wkv_use_vfirst"] is False
+    loaded = load_rwkv_hybrid(tmp_path)
+    assert torch.equal(_logits(student, IDS), _logits(loaded, IDS))
+    torch.testing.assert_close(
+        reference_logits6(cfg, read_state_dict(tmp_path), IDS[:5]),
+        _logits(student.double(), IDS[:5]),
+        atol=ATOL,
+        rtol=RTOL,
+    )
+
+
+def test_v6_smaller_lora_ranks_export_zero_padded(tmp_path: Path) -> None:
+    student = _student6(lora_ranks={"w": 16, "mix": 16})
+    assert export_problems(student) == []
+    export_rwkv_hybrid(student, tmp_path)
+    sd = read_state_dict(tmp_path)
+    t = "model.layers.1.self_attn.time_mixer."
+    assert sd[t + "time_maa_w1"].shape == (128, 5 * 32) and sd[t + "time_maa_w2"].shape == (5, 32, 128)
+    assert sd[t + "time_decay_w1"].shape == (128, 64) and not sd[t + "time_decay_w2"][16:].any()
+    assert not sd[t + "time_maa_w1"].view(128, 5, 32)[:, :, 16:].any()
+    loaded = load_rwkv_hybrid(tmp_path)
+    torch.testing.assert_close(_logits(loaded, IDS), _logits(student, IDS), atol=1e-5, rtol=1e-6)
+    too_big = _student6(lora_ranks={"w": 96, "mix": 32})
+    (problem,) = export_problems(too_big)
+    assert "RWKV-6 LoRA ranks" in problem and "lora_ranks={w: 64, mix: 32}" in problem
+
+
+def test_v6_bad_group_norm_eps_is_named(tmp_path: Path) -> None:
+    cfg = hybrid_config6(group_norm=True)
+    cfg["head_size_divisor"] = 4
+    write_hybrid(tmp_path, cfg, make_hybrid6(cfg))
+    with pytest.raises(CheckpointError, match="differs from RWKV-6's 64e-5"):
+        load_rwkv_hybrid(tmp_path)
+
+
+def test_v6_student_is_refused_by_the_llamacpp_export() -> None:
+    from arwkv.interop.llamacpp import llamacpp_problems
+
+    problems = llamacpp_problems(_student6())
+    assert problems == [
+        "RWKV-6 mixers: the llama.cpp export writes arwkv7 (RWKV-7) GGUFs only [avoid with version=7]"
+    ]
