@@ -9,7 +9,7 @@ several runs; combinations too slow to run are measured at a smaller T and scale
 exactly linear in T), marked `~` in the table and "extrapolated_from" in the JSON. On a shared machine use
 --threads 1 --clock cpu (process CPU time: other processes' load inflates it far less than wall time) and
 compare ratios from one run. Decays are RWKV-6-like (log-decay -exp(w_raw), w_raw ~ N(-3, 1)), so the chunked
-kernel takes its factorized path; its sub-blocked path for extreme decays is timed as "chunk16-strong".
+kernel takes its factorized path; its sub-blocked path for extreme decays is timed as "safe-path".
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def bench(args) -> dict:
             run = lambda C=C, xg=xg: wkv6_chunked(*xg, chunk_size=C)
             record(T, f"chunk{C}", "fwd+bwd", best_ms(fwd_bwd(run, xg), args.reps), T)
         strong = make_inputs(B, T, H, N, False, w_raw_mean=2.0)  # cumulative decays beyond e^-40 per chunk
-        run = lambda s=strong: wkv6_chunked(*s, chunk_size=16)
-        record(T, "chunk16-strong", "fwd", best_ms(fwd(run), args.reps), T)
+        run = lambda s=strong: wkv6_chunked(*s, chunk_size=CHUNK_SIZE_DEFAULT)
+        record(T, "safe-path", "fwd", best_ms(fwd(run), args.reps), T)
         x7, x7g = make_wkv7_inputs(B, T, H, N, False), make_wkv7_inputs(B, T, H, N, True)
         record(
             T,
@@ -150,7 +150,7 @@ def bench(args) -> dict:
 
 def table(report: dict) -> str:
     res = {(r["T"], r["impl"], r["mode"]): r for r in report["results"]}
-    impls = ["recurrent", *(f"chunk{C}" for C in CHUNKS), "chunk16-strong", "wkv7-chunk16", "sdpa"]
+    impls = ["recurrent", *(f"chunk{C}" for C in CHUNKS), "safe-path", "wkv7-chunk16", "sdpa"]
     c = f"chunk{report['config']['default_chunk']}"
     lines = []
     for mode in ("fwd", "fwd+bwd"):

@@ -20,8 +20,8 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "recurrent", "chunked", "fla")
-#: chunked backend's chunk size when none is given (fastest of 16/32/64 for N=64 on CPU: benchmarks/wkv.py)
-CHUNK_SIZE_DEFAULT = 16
+#: chunked backend's chunk size when none is given (fastest of 16/32/64 for N=64 on CPU: benchmarks/wkv6.py)
+CHUNK_SIZE_DEFAULT = 32
 
 
 class Wkv6InputError(ArwkvError, ValueError):
