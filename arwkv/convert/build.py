@@ -127,7 +127,7 @@ def build_student(
     check_teacher(teacher)
     tcfg = teacher.config
     kwargs = {**_mixer_defaults(teacher, init), **options}
-    if int(options.get("version", 7)) == 6 and "use_group_norm" not in options:
+    if str(options.get("version", 7)).strip() == "6" and "use_group_norm" not in options:
         kwargs["use_group_norm"] = True  # RWKV-6's ln_x, with either init
     tied = bool(getattr(tcfg, "tie_word_embeddings", False))
     config = ArwkvConfig(

@@ -241,6 +241,7 @@ def test_v6_copy_init_copies_projections_and_disables_token_shift():
     [
         (dict(version=6, head_size=5), "head_size 5 must divide the mixer width 32"),
         (dict(version=5), "version must be 6 \\(RWKV-6\\) or 7"),
+        (dict(version="six"), "version must be 6 \\(RWKV-6\\) or 7"),
         (dict(version=6, lora_ranks={"q": 4}), "lora_ranks keys must be among"),
     ],
 )

@@ -42,7 +42,7 @@ class ArwkvConfig(PreTrainedConfig):
         mixer_expand: r/k/v width as a multiple of the teacher's attention width (more WKV heads, more state
             per layer; copy init repeats the teacher's heads). 1 = the published RWKV-7/ARWKV layout.
         use_gate: output gate: low-rank `g = sigmoid(x_g g1) g2` (version 7), `silu(gate(x_g))` (version 6).
-        use_group_norm: per-head GroupNorm `ln_x` (eps 1e-5 * N) on the WKV output.
+        use_group_norm: per-head GroupNorm `ln_x` on the WKV output (eps 1e-5 * N; RWKV-6's fixed 64e-5).
         use_token_shift: mix each token with the previous one (`x_r ... x_g`); off = mu fixed at 0.
         use_rope: apply the teacher's RoPE to r and k (teacher head layout).
         use_qk_norm: per-head RMSNorm on r and k (`r_norm`, `k_norm`), carried over from Qwen3's q/k norms.
@@ -91,7 +91,7 @@ class ArwkvConfig(PreTrainedConfig):
         for key in MIRRORED_TEACHER_FIELDS:
             if key not in kwargs and key in teacher_config:
                 kwargs[key] = teacher_config[key]
-        self.version = int(version)
+        self.version = int(version) if str(version).strip().isdigit() else version  # validated below
         self.head_size = head_size
         self.mixer_expand = int(mixer_expand)
         self.use_gate = use_gate
