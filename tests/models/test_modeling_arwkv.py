@@ -284,8 +284,9 @@ def test_value_residual_gradient_flows_into_first_layer():
     assert first.output.weight.grad is None
 
 
-def test_mixer_outputs_match_model_internals():
-    student = student_for(softmax_layers=[1])
+@pytest.mark.parametrize("version", [7, 6])
+def test_mixer_outputs_match_model_internals(version):
+    student = student_for(softmax_layers=[1], version=version)
     ids = ids_for(2, 9)
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :3] = 0
@@ -323,6 +324,7 @@ STUDENTS = {  # name: (teacher family, init, options)
     "rwkv6-qwen2-fresh": ("qwen2", "fresh", dict(version=6)),
     "rwkv6-qwen3-copy-rope": ("qwen3", "copy", dict(version=6, use_rope=True)),
     "rwkv6-hybrid-fresh": ("llama", "fresh", dict(version=6, softmax_layers=[1])),
+    "rwkv6-local-window": ("llama", "copy", dict(version=6, local_window=3, local_sinks=1)),
 }
 
 
