@@ -509,6 +509,26 @@ def test_save_pretrained_writes_remote_code_and_reloads(tmp_path):
         assert torch.equal(loaded(ids).logits, student(ids).logits)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("init", ["copy", "fresh"])
+def test_v6_each_family_and_init_decodes_and_pads_like_the_full_forward(model_type, init):
+    """Every teacher family x init (the STUDENTS matrix covers a subset with the whole generation suite)."""
+    student = student_for(model_type, init=init, version=6, use_rope=model_type == "qwen3").double()
+    ids = ids_for(2, 12)
+    with torch.no_grad():
+        full = student(ids, use_cache=False).logits
+        cache = ArwkvCache(student.config)
+        pieces = [student(ids[:, :7], cache=cache).logits]
+        pieces += [student(ids[:, t : t + 1], cache=cache).logits for t in range(7, 12)]
+        assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10
+        prompts = [ids_for(1, n, seed=n)[0] for n in (6, 3)]
+        padded, mask = left_pad(prompts)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batched = student(padded, attention_mask=mask, position_ids=positions).logits
+        alone = student(prompts[1][None]).logits
+    assert (batched[1, -3:] - alone[0]).abs().max() < 1e-10
+
+
 REMOTE_CODE_SCRIPT = """
 import sys
 sys.modules["arwkv"] = None  # `import arwkv` now fails: only the checkpoint's own code can load it
