@@ -432,7 +432,7 @@ def wkv7(r, w, k, v, a, b, initial_state, cu_seqlens, backend: str, chunk_size: 
 # <wkv6-chunked>
 # RWKV-6 WKV, chunked form. Copied from arwkv/ops/wkv6/chunked.py (derivation: arwkv/ops/wkv6/README.md).
 # Any log-decay w <= 0 is safe: chunks whose cumulative decay exceeds e^{-40} take the sub-blocked path, whose
-# exponentials are all of differences <= 0 (README §3.2).
+# exponentials are all of differences <= 0 (README §2.1).
 
 _WKV6_SUB = 4  # sub-block length of the safe path: exact pairwise decays inside, one reference point between
 _WKV6_MAX_EXPONENT = 40.0  # fast path while a chunk's cumulative log-decay stays within e^{±40} (fp32-safe)
@@ -474,7 +474,7 @@ def _wkv6_group(r, k, v, g, u, h, sizes: list[int], nxt: int):
     """
     C = r.shape[1]
     gam = g.cumsum(1)  # inclusive log-decay within the chunk, γ
-    if float(-gam[:, -1].detach().min()) <= _WKV6_MAX_EXPONENT:  # factorized: one matmul (README §3.2)
+    if float(-gam[:, -1].detach().min()) <= _WKV6_MAX_EXPONENT:  # factorized: one matmul (README §2.1)
         gm = gam - g  # exclusive, γ⁻: the output reads the state before its own token's decay
         gC = gam[:, -1:]
         rq = r * gm.exp()  # r ⊙ e^{γ⁻} (<= 1 factors): reads the entering state
@@ -482,7 +482,7 @@ def _wkv6_group(r, k, v, g, u, h, sizes: list[int], nxt: int):
         kd = ke * gC.exp()  # k ⊙ e^{γ_C - γ}: writes the leaving state
         above = torch.ones(C, C, dtype=torch.bool, device=r.device).triu()
         A = (rq @ ke.mT).masked_fill_(above, 0)
-    else:  # strong decays: cumulative sums so large that their differences need fp64 (README §3.3)
+    else:  # strong decays: cumulative sums so large that their differences need fp64 (README §2.1)
         g64 = g.double()
         gam = g64.cumsum(1)
         gm, gC = gam - g64, gam[:, -1:]
