@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_tests.txt"
 python3 -c "import torch, transformers, fla; print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla', fla.__version__)" | tee -a "$out/gpu_tests.txt"
 TRITON_F32_DEFAULT=ieee timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu \
-  tests/ops/test_wkv7_fla.py tests/interop/test_rwkv_hybrid.py 2>&1 | tail -25 | tee -a "$out/gpu_tests.txt"
+  tests/ops/test_wkv7_fla.py tests/ops/test_wkv6_fla.py tests/interop/test_rwkv_hybrid.py 2>&1 | tail -25 | tee -a "$out/gpu_tests.txt"
 timeout 100 python3 benchmarks/distill_throughput.py --device cuda --bf16 --seq-len 2048 --batch 16 \
   --steps 5 --warmup 2 --json "$out/distill_throughput.json" 2>&1 | tail -12 | tee "$out/distill_throughput.txt"
 timeout 180 python3 -m arwkv convert --recipe stories260k processes=1 device=cuda \

@@ -19,6 +19,7 @@ import importlib
 import inspect
 import json
 import math
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,8 +37,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 
 from .configuration_arwkv import ArwkvConfig
+
+logger = logging.get_logger(__name__)
 
 # log w = -e^{-1/2} * sigmoid(d): decays in (0.545, 1), rwkv7-operator.md §1.2 (convention C, fla's)
 DECAY_SCALE = -math.exp(-0.5)
@@ -362,12 +366,53 @@ def wkv7_step(r, w, k, v, a, b, state: torch.Tensor) -> tuple[torch.Tensor, torc
     return torch.einsum("bhkv,bhk->bhv", state, r)[:, None], state
 
 
-def _fla_kernels():
+FLA_REQUIRED = ((0, 6, 0), (0, 7))  # [0.6.0, 0.7): 0.4.2-0.5.2 are wrong on the safe-gate path (fla PR #1085)
+_FLA_WARNED: set[str] = set()
+
+
+def _fla_version_problem() -> str | None:
+    """Why the installed fla must not be used (None when it is in FLA_REQUIRED or absent)."""
+    import importlib.metadata as md
+
+    for dist in ("fla-core", "flash-linear-attention"):
+        try:
+            version = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+        release = tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+        if FLA_REQUIRED[0] <= release and release[:2] < FLA_REQUIRED[1]:
+            return None
+        return (
+            f"fla {version} is installed but the student needs fla >=0.6.0,<0.7 (0.4.2-0.5.2 give wrong "
+            "results on the safe-gate path with several heads): pip install 'fla-core>=0.6.0,<0.7'"
+        )
+    return None
+
+
+def _checked_fla(backend: str, load):
+    """fla's kernels from `load()` when fla is usable; a wrong version is an error for backend='fla' and a
+    one-time warning + the chunked kernel for 'auto'."""
+    problem = _fla_version_problem()
+    if problem is not None:
+        if backend == "fla":
+            raise ImportError(problem)
+        if problem not in _FLA_WARNED:
+            _FLA_WARNED.add(problem)
+            logger.warning(problem + "; using the (slow) chunked PyTorch kernel instead")
+        return None
     try:
-        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+        return load()
     except Exception:  # fla raises assorted errors when triton or the driver is missing
         return None
-    return chunk_rwkv7, fused_recurrent_rwkv7
+
+
+def _fla_kernels(backend: str = "auto"):
+    def load():
+        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+
+        return chunk_rwkv7, fused_recurrent_rwkv7
+
+    return _checked_fla(backend, load)
 
 
 def _wkv7_fla(kernels, r, w, k, v, a, b, initial_state, cu_seqlens):
@@ -395,7 +440,7 @@ def _wkv7_fla(kernels, r, w, k, v, a, b, initial_state, cu_seqlens):
 
 def wkv7(r, w, k, v, a, b, initial_state, cu_seqlens, backend: str, chunk_size: int):
     """The one place a WKV kernel is chosen. Returns (o [B, T, H, V] in v's dtype, final state fp32)."""
-    kernels = _fla_kernels() if backend == "fla" or (backend == "auto" and r.is_cuda) else None
+    kernels = _fla_kernels(backend) if backend == "fla" or (backend == "auto" and r.is_cuda) else None
     if backend == "fla" and kernels is None:
         raise ImportError("wkv_backend='fla' needs flash-linear-attention and CUDA.")
     if kernels is not None:
@@ -611,17 +656,18 @@ def wkv6_step(r, k, v, w, u, state: torch.Tensor) -> tuple[torch.Tensor, torch.T
 # fmt: on
 
 
-def _fla_kernels6():
-    try:
+def _fla_kernels6(backend: str = "auto"):
+    def load():
         from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
-    except Exception:  # fla raises assorted errors when triton or the driver is missing
-        return None
-    return chunk_rwkv6, fused_recurrent_rwkv6
+
+        return chunk_rwkv6, fused_recurrent_rwkv6
+
+    return _checked_fla(backend, load)
 
 
 def wkv6(r, k, v, w, u, initial_state, cu_seqlens, backend: str, chunk_size: int):
     """The one place an RWKV-6 kernel is chosen. Returns (o [B, T, H, V] in v's dtype, final state fp32)."""
-    kernels = _fla_kernels6() if backend == "fla" or (backend == "auto" and r.is_cuda) else None
+    kernels = _fla_kernels6(backend) if backend == "fla" or (backend == "auto" and r.is_cuda) else None
     if backend == "fla" and kernels is None:
         raise ImportError("wkv_backend='fla' needs flash-linear-attention and CUDA.")
     if kernels is not None:
