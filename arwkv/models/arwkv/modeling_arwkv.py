@@ -400,16 +400,15 @@ def _checked_fla(backend: str, load):
             _FLA_WARNED.add(problem)
             logger.warning(problem + "; using the (slow) chunked PyTorch kernel instead")
         return None
-    try:
-        return load()
-    except Exception:  # fla raises assorted errors when triton or the driver is missing
-        return None
+    return load()
 
 
 def _fla_kernels(backend: str = "auto"):
     def load():
-        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
-
+        try:  # inside try: transformers' remote-code import scan skips it (fla is optional)
+            from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+        except Exception:  # fla raises assorted errors when triton or the driver is missing
+            return None
         return chunk_rwkv7, fused_recurrent_rwkv7
 
     return _checked_fla(backend, load)
@@ -658,8 +657,10 @@ def wkv6_step(r, k, v, w, u, state: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def _fla_kernels6(backend: str = "auto"):
     def load():
-        from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
-
+        try:  # inside try: transformers' remote-code import scan skips it (fla is optional)
+            from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
+        except Exception:  # fla raises assorted errors when triton or the driver is missing
+            return None
         return chunk_rwkv6, fused_recurrent_rwkv6
 
     return _checked_fla(backend, load)
