@@ -1,7 +1,7 @@
 """The `arwkv` command.
 
     arwkv convert --recipe stories260k [key=value ...]     whole pipeline (teacher → student → report)
-    arwkv align|distill|sft --from PATH [--recipe R] [...] one stage, starting from a saved student/checkpoint
+    arwkv align|distill|sft|dpo --from PATH [--recipe R]   one stage, starting from a saved student/checkpoint
     arwkv generate PATH [PROMPT]                           sample from a student (or any teacher), streamed
     arwkv chat PATH                                        multi-turn chat with the tokenizer's template
     arwkv eval ...                                         benchmark tasks (arwkv.eval)
@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   arwkv convert --recipe smollm2-135m distill.tokens=2e6 out_dir=runs/smol-long
   arwkv convert --recipe my.yaml student.init=fresh align.loss=l2
   arwkv distill --from runs/stories260k/align distill.lr=5e-4
+  arwkv dpo --from runs/stories260k/final dpo.beta=0.1 dpo.max_steps=100
   arwkv generate runs/stories260k/final --max-new-tokens 64
   arwkv chat runs/smollm2-135m/final
   arwkv export runs/smollm2-135m --to gguf out/smollm2-rwkv-q8_0.gguf --dtype q8_0
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "align": "stage 1: teacher-forced attention-output alignment (mixers only)",
         "distill": "stage 2: logit distillation, forward KL over the full vocabulary",
         "sft": "stage 3: supervised fine-tuning on assistant tokens",
+        "dpo": "stage 3: DPO on preference pairs (dpo.data files, or teacher-vs-student pairs data-free)",
     }
     for stage, text in stage_help.items():
         p = sub.add_parser(

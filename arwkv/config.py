@@ -137,6 +137,43 @@ def _sft_defaults() -> StageConfig:
 
 
 @dataclass
+class DPODataFreeConfig:
+    """The data-free preference set (`arwkv.data.preferences.data_free_preferences`): for varied prompts the
+    teacher's reply is `chosen` and the entering student's own greedy reply is `rejected`. Made once and
+    cached (keyed on teacher, student, prompts and lengths)."""
+
+    num_pairs: int = 512  # training pairs (pairs where both replies agree are dropped: no signal)
+    prompts: Literal["auto", "bos", "chat"] = "auto"  # auto: chat with a chat template, else token prefixes
+    prompt_min: int = 4  # "bos": prompt = BOS + a teacher-sampled prefix of prompt_min..prompt_max tokens
+    prompt_max: int = 32
+    reply_len: int = 64  # new tokens per reply (fewer when the model stops)
+    teacher_temperature: float = 0.0  # 0 = the teacher's greedy reply
+    batch_size: int = 64  # generation batch
+    cache_dir: str = ""  # empty: <out_dir>/../.cache/preferences
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    """Stage 3 by preference (DPO, off by default, runs after sft). `batch_size` counts pairs; a step's token
+    budget is batch_size x seq_len as for the other stages (max_steps is the clearer knob here)."""
+
+    enabled: bool = False
+    tokens: int = 200_000
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    warmup_steps: int = 5
+    loss: Literal["dpo"] = "dpo"
+    beta: float = 0.1
+    # frozen reference: empty = the student as it enters the stage; or a saved student / checkpoint path
+    reference: str = ""
+    # preference jsonl files ({prompt, chosen, rejected} or {messages, chosen, rejected}); empty = data-free
+    data: list[str] = field(default_factory=list)
+    # held-out pairs, never trained on: from other prompts (data-free) or split off the files (seeded)
+    heldout_pairs: int = 64
+    data_free: DPODataFreeConfig = field(default_factory=DPODataFreeConfig)
+
+
+@dataclass
 class EvalConfig:
     swa_baseline: bool = True  # the training-free teacher with sliding-window attention + sinks
     swa_window: int = 64
@@ -179,6 +216,7 @@ class RecipeConfig:
     align: StageConfig = field(default_factory=_align_defaults)
     distill: StageConfig = field(default_factory=_distill_defaults)
     sft: StageConfig = field(default_factory=_sft_defaults)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -188,7 +226,7 @@ class RecipeConfig:
         return Path(self.out_dir or f"runs/{self.name}")
 
 
-STAGES = ("align", "distill", "sft")
+STAGES = ("align", "distill", "sft", "dpo")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -425,6 +463,26 @@ def validate(cfg: RecipeConfig) -> None:
         raise ConfigError(f"distill.loss must be kl (got {cfg.distill.loss}); add CE with distill.ce_weight")
     if cfg.sft.loss != "ce":
         raise ConfigError(f"sft.loss must be ce (got {cfg.sft.loss})")
+    _check_dpo(cfg.dpo)
+
+
+def _check_dpo(d: DPOConfig) -> None:
+    if d.beta <= 0:
+        raise ConfigError(f"dpo.beta must be > 0 (got {d.beta}); 0.1 is the usual value")
+    if d.heldout_pairs < 0:
+        raise ConfigError(f"dpo.heldout_pairs must be ≥ 0 (got {d.heldout_pairs})")
+    f = d.data_free
+    for name in ("num_pairs", "reply_len", "batch_size", "prompt_max"):
+        if getattr(f, name) <= 0:
+            raise ConfigError(f"dpo.data_free.{name} must be > 0 (got {getattr(f, name)})")
+    if not 0 <= f.prompt_min <= f.prompt_max:
+        raise ConfigError(
+            f"dpo.data_free: need 0 ≤ prompt_min ≤ prompt_max (got {f.prompt_min}, {f.prompt_max})"
+        )
+    if f.teacher_temperature < 0:
+        raise ConfigError(
+            f"dpo.data_free.teacher_temperature must be ≥ 0 (0 = greedy; got {f.teacher_temperature})"
+        )
 
 
 def _check_mixer_options(options: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """The whole conversion, in order (nanochat's speedrun as one function):
 
     load teacher → build student → data (files, or the teacher writes it) → held-out baselines
-    → stage 1 align → stage 2 distill → stage 3 sft (optional) → save the student (HF folder) → report.md
+    → stage 1 align → stage 2 distill → stage 3 sft and/or dpo (optional) → save the student (HF folder)
+    → report.md
 
 Every phase records its results in `<run>/summary.json` and every stage checkpoints atomically, so running
 the same command again after a crash, Ctrl-C or a full disk continues where it stopped: finished stages are
@@ -10,6 +11,7 @@ restored from their last checkpoint and skipped, the interrupted one resumes exa
 Run layout:
     config.yaml            resolved recipe                summary.json   results so far
     align/ distill/ sft/   metrics.jsonl, checkpoints/    final/         the student (save_pretrained)
+    dpo/                   + pairs.json, dpo_curves.png
     report.md, *.png       the report
 """
 
@@ -335,6 +337,20 @@ def _run_stage(
     from arwkv.recipes.distill import run_distill
     from arwkv.recipes.sft import run_sft
 
+    kw = dict(
+        env=env,
+        eval_fn=eval_fn,
+        bf16=cfg.bf16,
+        strategy=cfg.distributed.strategy,
+        config_yaml=config_yaml,
+        resume=cfg.resume,
+    )
+    stage_dir = cfg.run_dir / name
+    if name == "dpo":  # preference pairs instead of packed rows (arwkv.recipes.dpo)
+        from arwkv.recipes.dpo import run_dpo_stage
+
+        _checkpoint_layers(cfg, student)
+        return run_dpo_stage(cfg, student, teacher, data.tokenizer, stage_dir, **kw)
     rows = data.rows(name, scfg.seq_len)
     cached = name == "distill" and scfg.teacher_topk > 0
     loader = PackedLoader(
@@ -346,21 +362,8 @@ def _run_stage(
         world_size=env.world_size,
         with_row_ids=cached,
     )
-    kw = dict(
-        env=env,
-        eval_fn=eval_fn,
-        bf16=cfg.bf16,
-        strategy=cfg.distributed.strategy,
-        config_yaml=config_yaml,
-        resume=cfg.resume,
-    )
-    stage_dir = cfg.run_dir / name
-    if cfg.grad_checkpointing and name != "align":
-        # recompute each decoder layer in backward (transformers >= 5.x renamed the switch)
-        if hasattr(student, "activation_checkpointing_enable"):
-            student.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if name != "align":
+        _checkpoint_layers(cfg, student)
     if name == "align":
         return run_align(
             student, teacher, loader, scfg, stage_dir, grad_checkpointing=cfg.grad_checkpointing, **kw
@@ -370,6 +373,15 @@ def _run_stage(
             kw["teacher_cache"] = open_teacher_cache(cfg, distill_teacher, data.tokenizer, rows, env.rank)
         return run_distill(student, distill_teacher, loader, scfg, stage_dir, **kw)
     return run_sft(student, loader, scfg, stage_dir, **kw)
+
+
+def _checkpoint_layers(cfg: RecipeConfig, student: nn.Module) -> None:
+    if cfg.grad_checkpointing:
+        # recompute each decoder layer in backward (transformers >= 5.x renamed the switch)
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _apply_budget(cfg, stages, summary, student, teacher, distill_teacher, data, env: DistEnv) -> None:
@@ -547,6 +559,11 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
         "init": cfg.student.init if not from_path else f"from {from_path}",
     }
 
+    if "dpo" in stages and cfg.dpo.data:  # bad preference files fail now, not after the data is sampled
+        from arwkv.data.packing import teacher_vocab_size
+        from arwkv.data.preferences import load_preferences
+
+        load_preferences(cfg.dpo.data, tokenizer, cfg.dpo.seq_len, vocab=teacher_vocab_size(teacher))
     data = prepare_data(cfg, teacher, tokenizer, env)
     summary.setdefault("sampling_s", data.sampling_s)
     n_held = int(data.heldout["input_ids"].shape[0])
@@ -578,8 +595,9 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
         if env.is_main:
             write_json(summary_path, summary)
 
-    if cfg.budget.minutes > 0:
-        _apply_budget(cfg, stages, summary, student, teacher, distill_teacher, data, env)
+    budgeted = [s for s in stages if s != "dpo"]  # dpo keeps its own steps (pairs, not packed rows)
+    if cfg.budget.minutes > 0 and budgeted:
+        _apply_budget(cfg, budgeted, summary, student, teacher, distill_teacher, data, env)
         if env.is_main:
             write_json(summary_path, summary)
 
@@ -622,6 +640,9 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
             config_yaml,
         )
         after = evaluate(student)
+        pairs_file = cfg.run_dir / name / "pairs.json"
+        if name == "dpo" and pairs_file.is_file():  # held-out preference pairs before / after
+            summary["stages"][name]["pairs"] = json.loads(pairs_file.read_text())
         summary["stages"][name].update(
             done=True,
             after=after,

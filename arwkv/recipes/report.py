@@ -190,6 +190,9 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
             f"{p['kl']:.4f} |"
             for p in pts
         ]
+    from arwkv.recipes.dpo import report_lines
+
+    lines += report_lines(run_dir, summary)
     for f in _plots(run_dir, summary):
         lines += ["", f"![{f}]({f})"]
     lines.append("")

@@ -10,7 +10,9 @@ Per-token losses:
 - stage 2, `kl`:  T² · KL(softmax(z_T/T) ‖ softmax(z_S/T)) over the full vocabulary (T² keeps gradient scale
   independent of T, Hinton et al.); optional CE mix. From a teacher cache (`TeacherTopK`) the same KL is
   taken over k+1 buckets: the teacher's top-k tokens and one bucket for the rest of the vocabulary;
-- stage 3, `ce`:  cross-entropy of the next token, labels shifted exactly once.
+- stage 3, `ce`:  cross-entropy of the next token, labels shifted exactly once;
+- stage 3, `dpo`: −log σ(β·margin) per preference pair, from completion log-probs of policy and reference
+  (`sequence_logprobs`, `dpo_loss`); the count is the number of pairs.
 """
 
 from __future__ import annotations
@@ -261,3 +263,66 @@ def ce_loss_from_hidden(
     for hj, yj in zip(h[idx].split(chunk_size), y[idx].split(chunk_size), strict=True):
         total = total + _ckpt(lambda x, yj=yj: F.cross_entropy(head(x).float(), yj, reduction="sum"), hj)
     return total, weight.sum()
+
+
+# ------------------------------------------------------------------------------------------------ stage 3,
+# DPO
+
+
+def sequence_logprobs(
+    hidden: Tensor,
+    head: torch.nn.Module,
+    input_ids: Tensor,
+    loss_mask: Tensor,
+    position_ids: Tensor | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Summed log-probability of the tokens marked in `loss_mask` [N, T], per row: [N] (float32).
+
+    Shifted once like `shift_labels`: token t+1 is scored from position t when loss_mask[:, t+1] = 1, so the
+    mask marks the completion *tokens*; padding and prompt tokens are never scored. The head is applied a
+    chunk of positions at a time inside a checkpoint, as for the CE and KL losses.
+    """
+    labels, weight = shift_labels(input_ids, loss_mask, position_ids)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    idx = weight.reshape(-1).nonzero().squeeze(-1)
+    y = labels.reshape(-1)
+    row = idx // input_ids.shape[1]
+    out = h.new_zeros(input_ids.shape[0], dtype=torch.float32)
+    for i, hj in zip(range(0, idx.numel(), chunk_size), h[idx].split(chunk_size), strict=True):
+        yj = y[idx[i : i + chunk_size]]
+        lp = _ckpt(
+            lambda x, yj=yj: -F.cross_entropy(head(x).float(), yj, reduction="none"),
+            hj,
+        )
+        out = out.index_add(0, row[i : i + chunk_size], lp)
+    return out
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float = 0.1,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """DPO (Rafailov et al. 2023) over pairs, from summed completion log-probs [P] of policy and reference.
+
+    Per pair: −log σ(β·[(log π_c − log π_ref,c) − (log π_r − log π_ref,r)]). Returns (sum over pairs,
+    number of pairs, extra sums): `chosen_reward` / `rejected_reward` (β·log-ratio of each completion),
+    `margin` (their difference) and `reward_acc` (1 where the chosen reward is higher, ½ on a tie, so a
+    policy equal to its reference scores 0.5).
+    """
+    chosen = beta * (policy_chosen.float() - ref_chosen.float())
+    rejected = beta * (policy_rejected.float() - ref_rejected.float())
+    margin = chosen - rejected
+    loss = -F.logsigmoid(margin)
+    with torch.no_grad():
+        acc = (margin > 0).float() + 0.5 * (margin == 0).float()
+    extras = {
+        "chosen_reward": chosen.detach().sum(),
+        "rejected_reward": rejected.detach().sum(),
+        "margin": margin.detach().sum(),
+        "reward_acc": acc.sum(),
+    }
+    return loss.sum(), torch.tensor(margin.shape[0], device=margin.device), extras
