@@ -1,5 +1,6 @@
 """DPO on tiny models: the loss and its gradients equal a hand computation (policy ≠ reference, padded batch,
-completion tokens only), the reference gets no gradient, and a resumed run equals an uninterrupted one."""
+completion tokens only), the reference gets no gradient, a resumed run equals an uninterrupted one, and 2 DDP
+processes equal 1."""
 
 from __future__ import annotations
 
@@ -182,3 +183,32 @@ def test_interrupted_and_resumed_dpo_equals_uninterrupted(tmp_path):
     assert [r["margin"] for r in full.history][3:] == [r["margin"] for r in rest.history]
     for (name, a), b in zip(s_full.state_dict().items(), s_rest.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    """DDP, 2 gloo processes: the loss and margin curve of 1 process at the same global batch of pairs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("ddp_dpo_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, str(worker), str(one), str(tmp_path / "r1"), "2"], check=True, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + [str(worker), str(two), str(tmp_path / "r2"), "1"],
+        check=True,
+        env=env,
+        timeout=600,
+    )
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (a["world"], b["world"]) == (1, 2) and len(a["losses"]) == 4
+    assert a["losses"][0] != pytest.approx(math.log(2))  # policy ≠ reference
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-5, abs=1e-6)
+    assert a["margins"] == pytest.approx(b["margins"], rel=1e-4, abs=1e-5)
+    for k, v in a["weights"].items():
+        assert v == pytest.approx(b["weights"][k], rel=1e-3, abs=1e-3), k
