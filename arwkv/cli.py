@@ -2,6 +2,7 @@
 
     arwkv convert --recipe stories260k [key=value ...]     whole pipeline (teacher → student → report)
     arwkv align|distill|sft|dpo --from PATH [--recipe R]   one stage, starting from a saved student/checkpoint
+    arwkv select-layers --recipe R --k K                   which K layers keep softmax attention (measured)
     arwkv generate PATH [PROMPT]                           sample from a student (or any teacher), streamed
     arwkv chat PATH                                        multi-turn chat with the tokenizer's template
     arwkv eval ...                                         benchmark tasks (arwkv.eval)
@@ -92,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _recipe_args(p, required=False)
         p.set_defaults(func=cmd_stage, stage=stage)
+
+    p = sub.add_parser(
+        "select-layers",
+        help="measure which K layers should keep softmax attention (hybrid students)",
+        description="A short stage 1 of all layers, then each RWKV mixer swapped into the teacher alone; "
+        "layers are ranked by the held-out KL this causes and the K most harmful keep softmax attention. "
+        "Writes <out_dir>/select_layers/ranking.{json,md,png}; `student.softmax_layers=auto:K` in a recipe "
+        "does the same inside `arwkv convert`.",
+    )
+    p.add_argument("--k", type=int, default=None, help="softmax budget (default: auto:K of the recipe)")
+    _recipe_args(p, required=True)
+    p.set_defaults(func=cmd_select_layers)
 
     for name, text in (("generate", "sample a continuation, streamed"), ("chat", "talk to a model")):
         p = sub.add_parser(
@@ -292,6 +305,21 @@ def cmd_convert(args) -> int:
         return code
     result = run(cfg)
     _done(result)
+    return 0
+
+
+def cmd_select_layers(args) -> int:
+    if args.help_keys:
+        return _print_keys()
+    from arwkv.recipes.select_layers import SELECT_DIR, run_selection
+
+    cfg = _load_cfg(args)
+    result = run_selection(cfg, args.k)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"softmax layers (K={result['k']}): {result['selected']}")
+        print(f"evenly spaced would be: {result['evenly_spaced']}")
+        print(f"ranking (most harmful first): {result['ranking']}")
+        print(f"table:   {cfg.run_dir / SELECT_DIR / 'ranking.md'}")
     return 0
 
 

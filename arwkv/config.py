@@ -45,7 +45,9 @@ class StudentConfig:
     init: Literal["copy", "fresh"] = "copy"
     # untie lm_head from the embeddings for distillation (both ARWKV and RADLADS do); recorded in the report
     untie_embeddings: bool = True
-    softmax_layers: list[int] = field(default_factory=list)  # layers that keep the teacher's attention
+    # layers that keep the teacher's attention, or "auto:K": the K layers measured to suffer most from
+    # conversion (arwkv.recipes.select_layers; settings in `select`)
+    softmax_layers: list[int] | str = field(default_factory=list)
     mixer: dict[str, Any] = field(default_factory=dict)  # extra mixer options passed to build_student
     from_checkpoint: str = ""  # start from a saved student (HF folder) instead of building one
 
@@ -137,6 +139,16 @@ def _sft_defaults() -> StageConfig:
 
 
 @dataclass
+class SelectConfig:
+    """`student.softmax_layers: auto:K` / `arwkv select-layers`: a short stage 1 of all layers (align
+    settings, this many tokens), then each mixer swapped into the teacher alone on this many held-out
+    sequences."""
+
+    align_tokens: int = 200_000
+    heldout_sequences: int = 64
+
+
+@dataclass
 class DPODataFreeConfig:
     """The data-free preference set (`arwkv.data.preferences.data_free_preferences`): for varied prompts the
     teacher's reply is `chosen` and the entering student's own greedy reply is `rejected`. Made once and
@@ -217,6 +229,7 @@ class RecipeConfig:
     distill: StageConfig = field(default_factory=_distill_defaults)
     sft: StageConfig = field(default_factory=_sft_defaults)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -464,6 +477,17 @@ def validate(cfg: RecipeConfig) -> None:
     if cfg.sft.loss != "ce":
         raise ConfigError(f"sft.loss must be ce (got {cfg.sft.loss})")
     _check_dpo(cfg.dpo)
+    sl = cfg.student.softmax_layers
+    if isinstance(sl, str) and not (sl.startswith("auto:") and sl[5:].isdigit() and int(sl[5:]) >= 1):
+        raise ConfigError(
+            f"student.softmax_layers={sl!r}: give a list of layer indices (e.g. [0,3]) or auto:K with K ≥ 1 "
+            "(the K layers measured to suffer most from conversion keep softmax attention)"
+        )
+    if cfg.select.align_tokens <= 0 or cfg.select.heldout_sequences <= 0:
+        raise ConfigError(
+            f"select.align_tokens and select.heldout_sequences must be > 0 (got {cfg.select.align_tokens}, "
+            f"{cfg.select.heldout_sequences})"
+        )
 
 
 def _check_dpo(d: DPOConfig) -> None:

@@ -10,7 +10,18 @@ import pytest
 
 from arwkv.cli import build_parser, main
 
-SUBCOMMANDS = ["convert", "align", "distill", "sft", "dpo", "generate", "chat", "demo", "export"]
+SUBCOMMANDS = [
+    "convert",
+    "align",
+    "distill",
+    "sft",
+    "dpo",
+    "select-layers",
+    "generate",
+    "chat",
+    "demo",
+    "export",
+]
 
 
 def test_top_level_help_runs_as_a_module():

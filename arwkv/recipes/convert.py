@@ -83,6 +83,11 @@ def load_teacher_model(path: str, dtype: str, device: torch.device, tokenizer_pa
 def build_student_for(cfg: RecipeConfig, teacher: nn.Module) -> nn.Module:
     from arwkv.convert.build import build_student
 
+    if isinstance(cfg.student.softmax_layers, str):
+        raise ConfigError(
+            f"student.softmax_layers={cfg.student.softmax_layers!r} is not resolved yet: `arwkv convert` "
+            "measures it, or run `arwkv select-layers` and give the layers it prints"
+        )
     torch.manual_seed(cfg.seed)  # fresh-init tensors are random
     options = dict(cfg.student.mixer)
     if cfg.student.softmax_layers:
@@ -548,6 +553,29 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
     if cfg.teacher.distill_path and "distill" in stages:
         _say(env, f"loading the stage-2 teacher {cfg.teacher.distill_path}")
         distill_teacher, _ = load_teacher_model(cfg.teacher.distill_path, cfg.teacher.dtype, env.device)
+    if "dpo" in stages and cfg.dpo.data:  # bad preference files fail now, not after the data is sampled
+        from arwkv.data.packing import teacher_vocab_size
+        from arwkv.data.preferences import load_preferences
+
+        load_preferences(cfg.dpo.data, tokenizer, cfg.dpo.seq_len, vocab=teacher_vocab_size(teacher))
+    data = None
+    from arwkv.recipes.select_layers import auto_k
+
+    k = auto_k(cfg.student.softmax_layers)
+    if k is not None:  # softmax_layers: auto:K — measured once per run folder (select_layers/ranking.json)
+        from arwkv.recipes.select_layers import select_layers
+
+        data = prepare_data(cfg, teacher, tokenizer, env)
+        selection = select_layers(cfg, teacher, data, env, k)
+        cfg.student.softmax_layers = list(selection["selected"])
+        config_yaml = config_text(cfg)  # the run records the layers it trains with
+        summary["layer_selection"] = {
+            key: selection[key] for key in ("k", "selected", "evenly_spaced", "ranking", "cost")
+        }
+        _say(
+            env,
+            f"select-layers: K={k} softmax layers {selection['selected']} (ranking {selection['ranking']})",
+        )
     from_path = student_from or cfg.student.from_checkpoint
     student = load_student(from_path, cfg, teacher) if from_path else build_student_for(cfg, teacher)
     student.to(env.device)
@@ -559,12 +587,8 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
         "init": cfg.student.init if not from_path else f"from {from_path}",
     }
 
-    if "dpo" in stages and cfg.dpo.data:  # bad preference files fail now, not after the data is sampled
-        from arwkv.data.packing import teacher_vocab_size
-        from arwkv.data.preferences import load_preferences
-
-        load_preferences(cfg.dpo.data, tokenizer, cfg.dpo.seq_len, vocab=teacher_vocab_size(teacher))
-    data = prepare_data(cfg, teacher, tokenizer, env)
+    if data is None:
+        data = prepare_data(cfg, teacher, tokenizer, env)
     summary.setdefault("sampling_s", data.sampling_s)
     n_held = int(data.heldout["input_ids"].shape[0])
     summary["heldout"] = {"sequences": n_held, "seq_len": int(data.heldout["input_ids"].shape[1])}
