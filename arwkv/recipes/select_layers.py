@@ -248,7 +248,7 @@ def write_ranking(out_dir: Path, record: dict[str, Any]) -> None:
     except ImportError:
         return
     layers = sorted(harm)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(layers) + 2), 3.2))
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.35 * len(layers) + 2), 3.4))
     top = set(record["ranking"][: max(1, len(layers) // 4)])
     ax.bar(
         [str(i) for i in layers],
@@ -257,7 +257,7 @@ def write_ranking(out_dir: Path, record: dict[str, Any]) -> None:
     )
     ax.set_xlabel("layer converted alone")
     ax.set_ylabel("held-out KL(teacher ‖ swapped)")
-    ax.set_title("harm per layer (red: the most harmful quarter)")
+    ax.set_title("harm of converting each layer alone (red: most harmful quarter)", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(out_dir / "ranking.png", dpi=110)
