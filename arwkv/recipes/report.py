@@ -139,6 +139,15 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
         f"parameters; lm_head {'untied' if models.get('untied_lm_head') else 'tied'} from the embeddings; "
         f"mixer options {cfg.get('student', {}).get('mixer') or 'default'}",
         f"- data: {_data_line(cfg)}; sampling/preparation {summary.get('sampling_s', 0) / 60:.1f} min",
+    ]
+    sel = summary.get("layer_selection")
+    if sel:  # student.softmax_layers: auto:K
+        lines.append(
+            f"- softmax layers chosen by measurement (auto:{sel['k']}): {sel['selected']} (evenly spaced "
+            f"would be {sel['evenly_spaced']}; ranking {sel['ranking']}, cost "
+            f"{sel['cost']['total_s']:.0f} s; [select_layers/ranking.md](select_layers/ranking.md))"
+        )
+    lines += [
         f"- total wall time {summary.get('total_wall_s', 0) / 60:.1f} min (all phases, across resumes)",
         "",
         f"## Held-out metrics ({held.get('sequences')} sequences × {held.get('seq_len')} tokens)",

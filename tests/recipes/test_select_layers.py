@@ -121,6 +121,7 @@ def test_convert_with_auto_softmax_layers(shared, tmp_path, capsys):
     assert load_recipe(run / "config.yaml").student.softmax_layers == sel["selected"]
     assert (run / "select_layers" / "ranking.png").stat().st_size > 0
     assert "| rank | layer | KL |" in (run / "select_layers" / "ranking.md").read_text()
+    assert f"chosen by measurement (auto:2): {sel['selected']}" in (run / "report.md").read_text()
     # the CLI verb reads the same ranking (measured once)
     before = (run / "select_layers" / "ranking.json").stat().st_mtime_ns
     code = main(
