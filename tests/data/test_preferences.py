@@ -183,3 +183,32 @@ def test_data_free_pairs_are_teacher_greedy_over_student_greedy(shared, tmp_path
         other.lm_head.weight.add_(0.01)
     data_free_preferences(teacher, other, None, cache_dir=tmp_path, progress=False, **kw)
     assert calls == [6, 3] and len(list(tmp_path.iterdir())) == 2
+
+
+def test_data_free_chat_pairs_use_the_chat_template(shared):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from arwkv.convert.build import build_student
+    from arwkv.data.teacher_corpus import DEFAULT_PROMPTS
+
+    tok = _qwen(str(shared / "assets/qwen2-tokenizer"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    teacher = LlamaForCausalLM(cfg).eval()
+    student = build_student(teacher, init="copy").eval()
+    train, held = data_free_preferences(
+        teacher, student, tok, num_pairs=3, num_heldout=0, reply_len=5, batch_size=3, progress=False
+    )
+    assert held is None and train.meta["mode"] == "chat" and len(train) >= 1
+    for i in range(len(train)):
+        p = int(train.chosen_prompt[i])
+        prompt = tok.decode(train.chosen[i, :p])
+        assert prompt.endswith("<|im_start|>assistant\n") and any(q in prompt for q in DEFAULT_PROMPTS)
+        assert 1 <= int(train.chosen_len[i]) - p <= 5 and 1 <= int(train.rejected_len[i]) - p <= 5
