@@ -355,7 +355,9 @@ def train(
                             **{f"eval/{k}": v for k, v in evaluate().items()},
                         }
                     )
-                stopping = red[1].item() > 0 or stop.requested
+                # the reduced flag is what every rank agrees on; a signal that lands after the reduce must
+                # wait for the next step, or one rank stops while the other enters the next all_reduce
+                stopping = red[1].item() > 0 or (stop.requested and not env.distributed)
                 if step % cfg.ckpt_interval == 0 or step == n_steps or stopping:
                     save(step)
                 if stopping and step < n_steps:
