@@ -34,7 +34,10 @@ chat), reached a held-out NLL ratio of **{ratio}** (training-free SWA(64)+4 sink
 a WikiText-2 perplexity at 2048-token windows of **{wt_student}** (SWA {wt_swa}, teacher {wt_teacher}): it
 keeps the chat it was distilled on, not yet real text. Figures and plots: `docs/results/smollm2-135m-long/`
 in the arwkv repository. To go further on the same run folder: `arwkv convert --recipe smollm2-135m-long
-budget.minutes=...` plans the stages from measured throughput and extends a finished run.
+budget.minutes=...` plans the stages from measured throughput and extends a finished run. The structural
+variant `smollm2-135m-local` (a 64-token local softmax window + 4 sinks inside every mixer, beside the RWKV
+state; constant memory) reached ratio {local_ratio} and WikiText-2 ppl@2048 {wt_local}, below SWA's, at half
+the stage-2 tokens (`docs/results/smollm2-135m-local/`).
 """
 LONG_RUN_FIGURES = {
     "minutes": "~95",
@@ -44,6 +47,8 @@ LONG_RUN_FIGURES = {
     "wt_student": "192",
     "wt_swa": "40.8",
     "wt_teacher": "21.1",
+    "local_ratio": "1.030",
+    "wt_local": "40.2",
 }
 NAMES = ("teacher", "student", "swa")
 
