@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from arwkv.errors import ArwkvError
+from arwkv.ops.checks import check_packing_and_state
 from arwkv.ops.wkv6.chunked import wkv6_chunked, wkv6_step
 from arwkv.ops.wkv6.fla import fla_available, wkv6_fla
 from arwkv.ops.wkv6.naive import wkv6_recurrent
@@ -118,37 +119,17 @@ def _check_inputs(r, k, v, w, u, initial_state, cu_seqlens, backend, chunk_size)
             f"u (the bonus) must be a floating tensor [H, K] = [{H}, {K}]; got "
             f"{tuple(getattr(u, 'shape', ())) or type(u).__name__}"
         )
-    if T == 0:
-        raise Wkv6InputError("empty input: T must be >= 1")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise Wkv6InputError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
-    n_seq = B
-    if cu_seqlens is not None:
-        if B != 1:
-            raise Wkv6InputError(
-                f"cu_seqlens needs packed inputs with batch size 1; got B={B} "
-                "(concatenate the sequences along T)"
-            )
-        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
-            raise Wkv6InputError("cu_seqlens must be a 1-D integer tensor of N+1 offsets [0, ..., T]")
-        offs = cu_seqlens.tolist()
-        if offs[0] != 0 or offs[-1] != T or any(x > y for x, y in zip(offs[:-1], offs[1:], strict=True)):
-            raise Wkv6InputError(f"cu_seqlens must rise from 0 to T={T}; got {offs[:4]}...{offs[-2:]}")
-        n_seq = len(offs) - 1
-    if initial_state is not None:
-        want = (n_seq, H, K, v.shape[-1])
-        if tuple(initial_state.shape) != want:
-            raise Wkv6InputError(
-                f"initial_state has shape {tuple(initial_state.shape)}; expected [N, H, K, V] = "
-                f"{list(want)} (fla layout, rows = key)"
-            )
-        fp64 = any(x.dtype == torch.float64 for x in (*named.values(), u))
-        ok = (torch.float32, torch.float64) if fp64 else (torch.float32,)
-        if initial_state.dtype not in ok:
-            raise Wkv6InputError(
-                f"initial_state must be float32 (the state is always accumulated in fp32); "
-                f"got {initial_state.dtype}"
-            )
-        if initial_state.device != r.device:
-            raise Wkv6InputError(f"initial_state is on {initial_state.device} but the inputs on {r.device}")
-    return n_seq
+    return check_packing_and_state(
+        Wkv6InputError,
+        B=B,
+        T=T,
+        H=H,
+        K=K,
+        V=v.shape[-1],
+        device=r.device,
+        fp64=any(x.dtype == torch.float64 for x in (*named.values(), u)),
+        chunk_size=chunk_size,
+        cu_seqlens=cu_seqlens,
+        initial_state=initial_state,
+        state_hint="",
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from arwkv.errors import ArwkvError
+from arwkv.ops.checks import check_packing_and_state
 from arwkv.ops.wkv7.chunked import wkv7_chunked
 from arwkv.ops.wkv7.conventions import DECAY_LOG_MIN
 from arwkv.ops.wkv7.fla import fla_available, fla_problem, wkv7_fla
@@ -128,38 +129,17 @@ def _check_inputs(r, w, k, v, a, b, initial_state, cu_seqlens, backend, chunk_si
             )
     if v.shape[:3] != r.shape[:3]:
         raise Wkv7InputError(f"v has shape {tuple(v.shape)}; it must be [B, T, H, V] = [{B}, {T}, {H}, V]")
-    if T == 0:
-        raise Wkv7InputError("empty input: T must be >= 1")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise Wkv7InputError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
-    n_seq = B
-    if cu_seqlens is not None:
-        if B != 1:
-            raise Wkv7InputError(
-                f"cu_seqlens needs packed inputs with batch size 1; got B={B} "
-                "(concatenate the sequences along T)"
-            )
-        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
-            raise Wkv7InputError("cu_seqlens must be a 1-D integer tensor of N+1 offsets [0, ..., T]")
-        offs = cu_seqlens.tolist()
-        if offs[0] != 0 or offs[-1] != T or any(x > y for x, y in zip(offs[:-1], offs[1:], strict=True)):
-            raise Wkv7InputError(f"cu_seqlens must rise from 0 to T={T}; got {offs[:4]}...{offs[-2:]}")
-        n_seq = len(offs) - 1
-    if initial_state is not None:
-        want = (n_seq, H, K, v.shape[-1])
-        if tuple(initial_state.shape) != want:
-            raise Wkv7InputError(
-                f"initial_state has shape {tuple(initial_state.shape)}; expected [N, H, K, V] = "
-                f"{list(want)} (fla layout, rows = key; BlinkDL [.., V, K] states need "
-                "conventions.state_blinkdl_to_fla)"
-            )
-        fp64 = any(x.dtype == torch.float64 for x in named.values())
-        ok = (torch.float32, torch.float64) if fp64 else (torch.float32,)
-        if initial_state.dtype not in ok:
-            raise Wkv7InputError(
-                f"initial_state must be float32 (the state is always accumulated in fp32); "
-                f"got {initial_state.dtype}"
-            )
-        if initial_state.device != r.device:
-            raise Wkv7InputError(f"initial_state is on {initial_state.device} but the inputs on {r.device}")
-    return n_seq
+    return check_packing_and_state(
+        Wkv7InputError,
+        B=B,
+        T=T,
+        H=H,
+        K=K,
+        V=v.shape[-1],
+        device=r.device,
+        fp64=any(x.dtype == torch.float64 for x in named.values()),
+        chunk_size=chunk_size,
+        cu_seqlens=cu_seqlens,
+        initial_state=initial_state,
+        state_hint="; BlinkDL [.., V, K] states need conventions.state_blinkdl_to_fla",
+    )
