@@ -10,25 +10,6 @@ import pytest
 from arwkv.cli import main
 from arwkv.config import load_recipe
 
-TINY = [
-    "processes=1",
-    "threads=1",
-    "data.data_free.num_sequences=16",
-    "data.data_free.seq_len=32",
-    "data.data_free.batch_size=16",
-    "data.heldout.num_sequences=4",
-    "data.heldout.seq_len=32",
-    "data.heldout.batch_size=4",
-    "align.seq_len=32",
-    "align.batch_size=4",
-    "align.max_steps=2",
-    "align.warmup_steps=1",
-    "distill.seq_len=32",
-    "distill.batch_size=4",
-    "distill.max_steps=2",
-    "distill.warmup_steps=1",
-    "eval.swa_baseline=false",
-]
 DPO = [
     "dpo.enabled=true",
     "dpo.seq_len=48",
@@ -59,9 +40,9 @@ def test_dpo_is_off_by_default_and_after_sft():
 
 
 @pytest.mark.slow
-def test_convert_with_data_free_dpo_stage(shared, tmp_path, capsys):
+def test_convert_with_data_free_dpo_stage(shared, tmp_path, capsys, tiny_stages):
     run = tmp_path / "st"
-    args = ["convert", "--recipe", "stories260k", _teacher(shared), f"out_dir={run}", *TINY, *DPO]
+    args = ["convert", "--recipe", "stories260k", _teacher(shared), f"out_dir={run}", *tiny_stages, *DPO]
     assert main(args) == 0
     summary = json.loads((run / "summary.json").read_text())
     st = summary["stages"]["dpo"]
@@ -104,13 +85,13 @@ def student_dir(shared, tmp_path):
         ({"prompt": list(range(1, 40)), "chosen": [7], "rejected": [8]}, "prompt is 39 tokens"),
     ],
 )
-def test_bad_preference_file_is_one_line(shared, tmp_path, capsys, student_dir, record, needle):
+def test_bad_preference_file_is_one_line(shared, tmp_path, capsys, student_dir, record, needle, tiny_stages):
     bad = tmp_path / "prefs.jsonl"
     bad.write_text(
         json.dumps({"prompt": [1, 2], "chosen": [3], "rejected": [4]}) + "\n" + json.dumps(record) + "\n"
     )
     args = ["dpo", "--from", str(student_dir), "--recipe", "stories260k", _teacher(shared)]
-    args += [f"out_dir={tmp_path / 'run'}", "dpo.seq_len=32", f"dpo.data=[{bad}]", *TINY]
+    args += [f"out_dir={tmp_path / 'run'}", "dpo.seq_len=32", f"dpo.data=[{bad}]", *tiny_stages]
     code = main(args)
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if "[arwkv]" in x]

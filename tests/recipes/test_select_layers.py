@@ -73,24 +73,7 @@ def test_a_damaged_layer_is_ranked_most_harmful():
     assert all(h["kl"] > 0 for h in harm.values())
 
 
-TINY = [
-    "processes=1",
-    "threads=1",
-    "data.data_free.num_sequences=16",
-    "data.data_free.seq_len=32",
-    "data.data_free.batch_size=16",
-    "data.heldout.num_sequences=4",
-    "data.heldout.seq_len=32",
-    "data.heldout.batch_size=4",
-    "align.seq_len=32",
-    "align.batch_size=4",
-    "align.max_steps=2",
-    "align.warmup_steps=1",
-    "distill.seq_len=32",
-    "distill.batch_size=4",
-    "distill.max_steps=2",
-    "distill.warmup_steps=1",
-    "eval.swa_baseline=false",
+SELECT = [
     "select.align_tokens=256",
     "select.heldout_sequences=4",
 ]
@@ -101,7 +84,7 @@ def _teacher(shared) -> str:
 
 
 @pytest.mark.slow
-def test_convert_with_auto_softmax_layers(shared, tmp_path, capsys):
+def test_convert_with_auto_softmax_layers(shared, tmp_path, capsys, tiny_stages):
     run = tmp_path / "st"
     args = [
         "convert",
@@ -111,7 +94,7 @@ def test_convert_with_auto_softmax_layers(shared, tmp_path, capsys):
         f"out_dir={run}",
         "student.softmax_layers=auto:2",
     ]
-    assert main(args + TINY) == 0
+    assert main(args + tiny_stages + SELECT) == 0
     summary = json.loads((run / "summary.json").read_text())
     sel = summary["layer_selection"]
     assert sel["k"] == 2 and len(sel["selected"]) == 2 and sorted(sel["ranking"]) == [0, 1, 2, 3, 4]
@@ -125,14 +108,16 @@ def test_convert_with_auto_softmax_layers(shared, tmp_path, capsys):
     # the CLI verb reads the same ranking (measured once)
     before = (run / "select_layers" / "ranking.json").stat().st_mtime_ns
     code = main(
-        ["select-layers", "--k", "1", "--recipe", "stories260k", _teacher(shared), f"out_dir={run}"] + TINY
+        ["select-layers", "--k", "1", "--recipe", "stories260k", _teacher(shared), f"out_dir={run}"]
+        + tiny_stages
+        + SELECT
     )
     assert code == 0 and f"softmax layers (K=1): [{sel['ranking'][0]}]" in capsys.readouterr().out
     assert (run / "select_layers" / "ranking.json").stat().st_mtime_ns == before
 
 
 @pytest.mark.parametrize("k", ["5", "9"])
-def test_k_larger_than_the_layers_is_one_line(shared, tmp_path, capsys, k):
+def test_k_larger_than_the_layers_is_one_line(shared, tmp_path, capsys, k, tiny_stages):
     args = [
         "select-layers",
         "--k",
@@ -142,7 +127,7 @@ def test_k_larger_than_the_layers_is_one_line(shared, tmp_path, capsys, k):
         _teacher(shared),
         f"out_dir={tmp_path / 'r'}",
     ]
-    assert main(args + TINY) == 2
+    assert main(args + tiny_stages + SELECT) == 2
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if "[arwkv]" in x]
     assert (
