@@ -26,18 +26,39 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from arwkv.config import StageConfig
 from arwkv.errors import ArwkvError, ConfigError, TrainingDivergedError
 from arwkv.train import checkpoint as ckpt
 from arwkv.train.distributed import DistEnv, all_reduce_sum, barrier, current_env, wrap
 from arwkv.train.schedule import make_scheduler
 
 Batch = dict[str, torch.Tensor]
+
+
+class LoopSettings(Protocol):
+    """What the loop reads of a stage's settings. `arwkv.config.StageConfig` (and any object with these
+    attributes) fits, so the loop knows nothing of the recipe schema."""
+
+    tokens: int
+    max_steps: int
+    seq_len: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    min_lr: float
+    schedule: str
+    warmup_steps: int
+    clip: float
+    weight_decay: float
+    betas: list[float] | tuple[float, float]
+    eval_interval: int
+    ckpt_interval: int
+    log_interval: int
+    keep_checkpoints: int
 
 
 class TrainingInterrupted(ArwkvError):
@@ -60,13 +81,13 @@ class LoopResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # this session's log records
 
 
-def total_steps(cfg: StageConfig) -> int:
+def total_steps(cfg: LoopSettings) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
     return max(1, math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len)))
 
 
-def micro_batch_size(cfg: StageConfig, world_size: int) -> int:
+def micro_batch_size(cfg: LoopSettings, world_size: int) -> int:
     """Sequences per process per micro-step; the global batch must split evenly."""
     per = cfg.batch_size // (world_size * cfg.grad_accum)
     if per * world_size * cfg.grad_accum != cfg.batch_size or per == 0:
@@ -160,7 +181,7 @@ def _set_base_lrs(optimizer: torch.optim.Optimizer, scheduler, bases: list[float
 def train(
     task: nn.Module,
     data: Iterator[Batch],
-    cfg: StageConfig,
+    cfg: LoopSettings,
     run_dir: str | Path,
     *,
     param_groups: list[dict[str, Any]] | None = None,
