@@ -169,7 +169,7 @@ class Driver:
         cmd = [
             self.python,
             "-m",
-            "arwkv.ops.wkv7.warmup",
+            "arwkv.recipes.fla_warmup",
             "--budget-s",
             str(self.args.warmup_s),
             "--json",

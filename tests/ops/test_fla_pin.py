@@ -246,7 +246,7 @@ def test_over_budget_warmup_stops_and_names_what_it_compiled(tmp_path):
         """
         import sys, threading, time
         from arwkv.ops.wkv7.fla_pin import KernelTiming
-        from arwkv.ops.wkv7.warmup import Warmup
+        from arwkv.recipes.fla_warmup import Warmup
 
         w = Warmup(budget_s=1.0, json_path=sys.argv[1])
         # what the compile log holds after one kernel compiled and while a second one compiles

@@ -1,6 +1,6 @@
 """Compile fla's RWKV-7 kernels for exactly the signatures a conversion and decoding use, within a budget.
 
-    python -m arwkv.ops.wkv7.warmup [--heads 9] [--budget-s 150] [--json warmup.json] [--no-model]
+    python -m arwkv.recipes.fla_warmup [--heads 9] [--budget-s 150] [--json warmup.json] [--no-model]
 
 Triton compiles one binary per kernel and signature (dtypes, constexpr shapes such as H, K and the chunk size,
 flags such as "has an initial state" or "packed sequences"), and caches it on disk under $TRITON_CACHE_DIR
