@@ -115,7 +115,8 @@ def build_student(
 ) -> ArwkvForCausalLM:
     """An `ArwkvForCausalLM` built from `teacher` (a supported HF causal LM).
 
-    options: any `ArwkvConfig` mixer option (version, head_size, mixer_expand, use_gate, use_group_norm,
+    options: any `ArwkvConfig` mixer option (version, rwkv6_variant, head_size, mixer_expand, use_gate,
+    use_group_norm,
     use_token_shift, use_rope, use_qk_norm, rkv_bias, output_bias, lora_ranks, softmax_layers, local_window,
     local_sinks, wkv_backend,
     wkv_chunk_size).
@@ -128,7 +129,8 @@ def build_student(
     tcfg = teacher.config
     kwargs = {**_mixer_defaults(teacher, init), **options}
     if str(options.get("version", 7)).strip() == "6" and "use_group_norm" not in options:
-        kwargs["use_group_norm"] = True  # RWKV-6's ln_x, with either init
+        # RWKV-6's ln_x, with either init; the qrwkv form has none
+        kwargs["use_group_norm"] = options.get("rwkv6_variant", "finch") != "qrwkv"
     tied = bool(getattr(tcfg, "tie_word_embeddings", False))
     config = ArwkvConfig(
         teacher_config=tcfg.to_dict(), tie_word_embeddings=tied and not untie_embeddings, **kwargs

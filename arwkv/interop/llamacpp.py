@@ -1,8 +1,15 @@
-"""llama.cpp interop: export a student for llama.cpp's `arwkv7` converter and check the GGUF it writes.
+"""llama.cpp interop: export a student for llama.cpp's converter and check the GGUF it writes.
 
-llama.cpp reads the published ARWKV layout (`RwkvHybridForCausalLM` → GGUF architecture `arwkv7`) through
-its `convert_hf_to_gguf.py`. Its `arwkv7` graph has RWKV-7 mixers in every layer (no softmax layers), LoRA
-ranks 64/64/32/128 (gate rank 0 when gate-free), GroupNorm eps fixed at 64e-5 and the gate without "1 +".
+RWKV-7 students: llama.cpp reads the published ARWKV layout (`RwkvHybridForCausalLM` → GGUF architecture
+`arwkv7`) through its `convert_hf_to_gguf.py`. Its `arwkv7` graph has RWKV-7 mixers in every layer (no softmax
+layers), LoRA ranks 64/64/32/128 (gate rank 0 when gate-free), GroupNorm eps fixed at 64e-5 and the gate
+without "1 +".
+
+RWKV-6 students of the `qrwkv` form: llama.cpp reads QRWKV6's layout (`RWKV6Qwen2ForCausalLM` → `rwkv6qwen2`):
+Qwen2 names (`self_attn.q_proj/k_proj/v_proj/o_proj`, biases allowed), BlinkDL's `time_maa_*` / `time_decay*`
+mixer tensors with the five token-shift LoRA blocks in the order r, k, v, w, g, a full-width `gate`, no bonus
+and no GroupNorm, any LoRA ranks (`lora_rank_tokenshift`, `lora_rank_decay`).
+
 The converter also needs the tokenizer files beside the weights.
 """
 
@@ -29,11 +36,14 @@ from arwkv.interop.rwkv_hybrid import (
     read_config,
     read_state_dict,
 )
+from arwkv.models.arwkv.modeling_arwkv import MIX6, default_lora_ranks6
 
 if TYPE_CHECKING:
     from arwkv.models.arwkv import ArwkvForCausalLM
 
 ARCH = "arwkv7"
+ARCH6 = "rwkv6qwen2"
+QRWKV6_MIX_ORDER = "rkvwg"  # the five token-shift LoRA blocks of time_maa_w1/w2 in RWKV6Qwen2 checkpoints
 LLAMACPP_GN_EPS = 64e-5  # hard-coded in llama.cpp's rwkv7 graph
 LERP_ORDER = "rwkvag"  # order of the six token-shift mixes in time_mix_lerp_fused
 
@@ -45,14 +55,10 @@ def llamacpp_problems(student: ArwkvForCausalLM) -> list[str]:
 
 def llamacpp_layout_problems(student: ArwkvForCausalLM) -> list[LayoutProblem]:
     """`llamacpp_problems` with the student option that avoids each one."""
-    problems = layout_problems(student)
     cfg = student.config
-    if getattr(cfg, "version", 7) == 6:  # the GGUF written here is arwkv7's; llama.cpp's rwkv6qwen2 is not
-        problems.append(
-            LayoutProblem(
-                "RWKV-6 mixers: the llama.cpp export writes arwkv7 (RWKV-7) GGUFs only", ("version=7",)
-            )
-        )
+    if getattr(cfg, "version", 7) == 6:
+        return rwkv6qwen2_layout_problems(student)
+    problems = layout_problems(student)
     if cfg.softmax_layers:  # supersedes the format's own softmax-layer problems
         problems = [p for p in problems if "softmax_layers=[]" not in p.options]
         problems.append(
@@ -72,6 +78,39 @@ def llamacpp_layout_problems(student: ArwkvForCausalLM) -> list[LayoutProblem]:
     return problems
 
 
+def rwkv6qwen2_layout_problems(student: ArwkvForCausalLM) -> list[LayoutProblem]:
+    """What keeps llama.cpp's `rwkv6qwen2` graph from running this RWKV-6 student exactly."""
+    cfg = student.config
+    found = []
+
+    def need(ok: bool, what: str, option: str) -> None:
+        if not ok:
+            found.append(LayoutProblem(what, (option,)))
+
+    need(
+        getattr(cfg, "rwkv6_variant", "finch") == "qrwkv",
+        "RWKV-6 mixers of the finch form (bonus u, GroupNorm, SiLU gate): llama.cpp's rwkv6qwen2 runs the "
+        "QRWKV6 form",
+        "rwkv6_variant=qrwkv",
+    )
+    need(
+        not cfg.softmax_layers,
+        f"softmax_layers {cfg.softmax_layers}: rwkv6qwen2 has RWKV mixers in every layer",
+        "softmax_layers=[]",
+    )
+    need(not cfg.local_window, "a local attention branch: rwkv6qwen2 has none", "local_window=0")
+    need(not cfg.use_rope, "RoPE on r and k: rwkv6qwen2 has none", "use_rope=false")
+    need(not cfg.use_qk_norm, "q/k norms on r and k: rwkv6qwen2 has none", "use_qk_norm=false")
+    need(bool(cfg.use_gate), "no output gate: rwkv6qwen2's gate is always there", "use_gate=true")
+    need(not cfg.output_bias, "a bias on the mixer output: rwkv6qwen2 has none", "output_bias=false")
+    need(
+        cfg.mixer_dim == cfg.hidden_size,
+        f"mixer width {cfg.mixer_dim} != hidden size {cfg.hidden_size}: rwkv6qwen2 mixes at the hidden size",
+        "mixer_expand=1",
+    )
+    return found
+
+
 def _student_gn_eps(cfg: Any) -> float:
     eps = getattr(cfg, "group_norm_eps", None)
     return float(eps) if eps is not None else 1e-5 * cfg.wkv_head_size
@@ -83,12 +122,107 @@ def export_for_llamacpp(
     """Write `out` so that `convert_hf_to_gguf.py out` makes an `arwkv7` GGUF: the rwkv_hybrid export plus the
     tokenizer (a directory holding tokenizer files, or a transformers tokenizer), weights in `dtype`."""
     problems = llamacpp_problems(student)
+    version = getattr(student.config, "version", 7)
     if problems:
         raise CheckpointError(
-            "this student cannot be exported for llama.cpp's arwkv7: " + "; ".join(problems)
+            f"this student cannot be exported for llama.cpp's {ARCH6 if version == 6 else ARCH}: "
+            + "; ".join(problems)
         )
+    if version == 6:
+        return export_rwkv6qwen2(student, out, tokenizer, dtype)
     # arwkv7 requires output.weight even for tied embeddings
     return export_rwkv_hybrid(student, out, tokenizer=tokenizer, untie=True, dtype=dtype)
+
+
+def rwkv6qwen2_tensors(student: ArwkvForCausalLM) -> dict[str, torch.Tensor]:
+    """The student's tensors under RWKV6Qwen2ForCausalLM's names (what llama.cpp's converter reads)."""
+    cfg = student.config
+    sd = student.state_dict()
+    out = {k: v for k, v in sd.items() if ".self_attn." not in k}
+    out.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])  # rwkv6qwen2 wants output.weight
+    rename = {"receptance": "q_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj", "gate": "gate"}
+    order = [MIX6.index(m) for m in QRWKV6_MIX_ORDER]
+    C = cfg.hidden_size
+    rank = {**default_lora_ranks6(C), **cfg.lora_ranks}["mix"]
+    for i in range(cfg.num_hidden_layers):
+        t = f"model.layers.{i}.self_attn."
+        for name, tensor in sd.items():
+            if not name.startswith(t):
+                continue
+            short = name.removeprefix(t)
+            module, _, kind = short.partition(".")
+            if module in rename:
+                out[t + rename[module] + "." + kind] = tensor
+            elif short == "time_maa_w1":  # [C, 5 R]: blocks reordered from arwkv's w,k,v,r,g
+                out[name] = tensor.view(C, 5, -1)[:, order].reshape(C, -1)
+            elif short == "time_maa_w2":  # [5, R, C]
+                out[name] = tensor[order]
+            else:
+                out[name] = tensor
+        if not cfg.use_token_shift:  # every mix 0 (and its LoRA 0) is exactly "no token shift"
+            zeros = {"time_maa_w1": (C, 5 * rank), "time_maa_w2": (5, rank, C)}
+            zeros |= {f"time_maa_{m}": (1, 1, C) for m in ("x", *MIX6)}
+            out |= {t + n: torch.zeros(shape) for n, shape in zeros.items()}
+    return out
+
+
+def rwkv6qwen2_config(student: ArwkvForCausalLM) -> dict[str, Any]:
+    cfg = student.config
+    heads = cfg.hidden_size // cfg.wkv_head_size
+    ranks = {**default_lora_ranks6(cfg.hidden_size), **cfg.lora_ranks}
+    keep = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "rms_norm_eps",
+        "hidden_act",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    )
+    return {
+        "architectures": ["RWKV6Qwen2ForCausalLM"],
+        "model_type": ARCH6,
+        **{k: getattr(cfg, k, None) for k in keep if getattr(cfg, k, None) is not None},
+        "hidden_act": cfg.teacher_config.get("hidden_act", "silu"),
+        "num_attention_heads": heads,  # llama.cpp: head size = hidden / heads
+        "num_key_value_heads": heads,  # the student's keys are already per query head
+        "head_size": cfg.wkv_head_size,
+        "lora_rank_tokenshift": ranks["mix"],
+        "lora_rank_decay": ranks["w"],
+        "attention_bias": bool(cfg.rkv_bias),
+        "tie_word_embeddings": False,
+    }
+
+
+def export_rwkv6qwen2(
+    student: ArwkvForCausalLM, out: str | Path, tokenizer: Any, dtype: torch.dtype | None = None
+) -> Path:
+    """Write `out` as an RWKV6Qwen2ForCausalLM folder (config.json, model.safetensors, tokenizer) for
+    llama.cpp's `convert_hf_to_gguf.py` (architecture rwkv6qwen2)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from arwkv.interop.rwkv_hybrid import check_vocab, save_tokenizer
+
+    problems = [str(p) for p in rwkv6qwen2_layout_problems(student)]
+    if problems:
+        raise CheckpointError(
+            f"this student cannot be exported for llama.cpp's {ARCH6}: " + "; ".join(problems)
+        )
+    dtype = dtype or next(student.parameters()).dtype
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to("cpu", dtype).contiguous().clone() for k, v in rwkv6qwen2_tensors(student).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = rwkv6qwen2_config(student) | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out)
+        check_vocab(out, student.config.vocab_size)
+    return out
 
 
 CONVERTER = "convert_hf_to_gguf.py"
@@ -222,8 +356,10 @@ def check_gguf(path: str | Path | Any, source: str | Path | None = None, atol: f
     tensors = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
     problems: list[str] = []
     arch = meta.get("general.architecture")
+    if arch == ARCH6:
+        return _check_rwkv6qwen2(path, reader, meta, tensors, source, atol)
     if arch != ARCH:
-        raise CheckpointError(f"{path}: general.architecture is {arch!r}, expected {ARCH!r}.")
+        raise CheckpointError(f"{path}: general.architecture is {arch!r}, expected {ARCH!r} or {ARCH6!r}.")
     layout = _layout_from_source(source) if source is not None else _layout_from_meta(meta, tensors)
     want_meta = {
         f"{ARCH}.block_count": layout.layers,
@@ -303,3 +439,139 @@ def _layout_from_meta(meta: dict[str, Any], tensors: dict[str, tuple[int, ...]])
         wkv_layers=tuple(range(L)),
         tie=False,
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# checking an rwkv6qwen2 GGUF
+
+
+def expected_rwkv6qwen2_tensors(
+    hidden: int, layers: int, vocab: int, ffn: int, mix_rank: int, decay_rank: int, bias: bool
+) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> numpy shape that llama.cpp's converter writes for an RWKV6Qwen2 folder."""
+    C, V, F = hidden, vocab, ffn
+    t: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (V, C),
+        "output_norm.weight": (C,),
+        "output.weight": (V, C),
+    }
+    for i in range(layers):
+        b = f"blk.{i}."
+        t |= {b + n: (C,) for n in ("attn_norm.weight", "ffn_norm.weight", "time_mix_lerp_x.weight")}
+        t |= {b + "ffn_gate.weight": (F, C), b + "ffn_up.weight": (F, C), b + "ffn_down.weight": (C, F)}
+        t |= {b + f"time_mix_{n}.weight": (C, C) for n in ("receptance", "key", "value", "output", "gate")}
+        if bias:
+            t |= {b + f"time_mix_{n}.bias": (C,) for n in ("receptance", "key", "value")}
+        t |= {
+            b + "time_mix_lerp_fused.weight": (5, 1, 1, C),
+            b + "time_mix_w1.weight": (5 * mix_rank, C),
+            b + "time_mix_w2.weight": (5, C, mix_rank),
+            b + "time_mix_decay.weight": (C,),
+            b + "time_mix_decay_w1.weight": (decay_rank, C),
+            b + "time_mix_decay_w2.weight": (C, decay_rank),
+        }
+    return t
+
+
+def rwkv6qwen2_gguf_source(name: str, sd: dict[str, torch.Tensor]) -> np.ndarray:
+    """The array llama.cpp's converter should write for GGUF tensor `name`, from RWKV6Qwen2 folder weights."""
+    flat = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    flat["output.weight"] = "lm_head.weight"
+    if name in flat:
+        return sd[flat[name]].float().numpy()
+    _, i, rest = name.split(".", 2)
+    p = f"model.layers.{i}."
+    t = p + "self_attn."
+    plain = {
+        "attn_norm.weight": p + "input_layernorm.weight",
+        "ffn_norm.weight": p + "post_attention_layernorm.weight",
+        "ffn_gate.weight": p + "mlp.gate_proj.weight",
+        "ffn_up.weight": p + "mlp.up_proj.weight",
+        "ffn_down.weight": p + "mlp.down_proj.weight",
+        "time_mix_gate.weight": t + "gate.weight",
+    }
+    proj = {"receptance": "q_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj"}
+    plain |= {
+        f"time_mix_{a}.{kind}": f"{t}{b}.{kind}" for a, b in proj.items() for kind in ("weight", "bias")
+    }
+    if rest in plain:
+        return sd[plain[rest]].float().numpy()
+    gguf_order = [QRWKV6_MIX_ORDER.index(m) for m in MIX6]  # the graph reads the blocks as w, k, v, r, g
+    x = {
+        "time_mix_lerp_x.weight": lambda: sd[t + "time_maa_x"].reshape(-1),
+        "time_mix_lerp_fused.weight": lambda: torch.stack(
+            [sd[t + f"time_maa_{m}"].reshape(1, 1, -1) for m in MIX6]
+        ),
+        "time_mix_w1.weight": lambda: sd[t + "time_maa_w1"].T.unflatten(0, (5, -1))[gguf_order].flatten(0, 1),
+        "time_mix_w2.weight": lambda: sd[t + "time_maa_w2"].permute(0, 2, 1)[gguf_order],
+        "time_mix_decay.weight": lambda: sd[t + "time_decay"].reshape(-1),
+        "time_mix_decay_w1.weight": lambda: sd[t + "time_decay_w1"].T,
+        "time_mix_decay_w2.weight": lambda: sd[t + "time_decay_w2"].T,
+    }[rest]()
+    return x.float().numpy()
+
+
+def _check_rwkv6qwen2(
+    path: Any,
+    reader: Any,
+    meta: dict[str, Any],
+    tensors: dict[str, tuple[int, ...]],
+    source: Any,
+    atol: float,
+) -> GgufReport:
+    problems: list[str] = []
+    try:
+        C, L = meta[f"{ARCH6}.embedding_length"], meta[f"{ARCH6}.block_count"]
+        F, N = meta[f"{ARCH6}.feed_forward_length"], meta[f"{ARCH6}.wkv.head_size"]
+        R, Rw = meta[f"{ARCH6}.time_mix_extra_dim"], meta[f"{ARCH6}.time_decay_extra_dim"]
+    except KeyError as e:
+        raise CheckpointError(f"{path}: the GGUF lacks metadata {e.args[0]}") from None
+    V = tensors.get("token_embd.weight", (0, C))[0]
+    bias = "blk.0.time_mix_key.bias" in tensors
+    if source is not None:
+        cfg = read_config(source)
+        want = {
+            "embedding_length": cfg["hidden_size"],
+            "block_count": cfg["num_hidden_layers"],
+            "feed_forward_length": cfg["intermediate_size"],
+            "wkv.head_size": cfg["hidden_size"] // cfg["num_attention_heads"],
+            "time_mix_extra_dim": cfg["lora_rank_tokenshift"],
+            "time_decay_extra_dim": cfg["lora_rank_decay"],
+            "attention.head_count_kv": cfg["num_key_value_heads"],
+            "token_shift_count": 1,
+        }
+        problems += [
+            f"metadata {ARCH6}.{k} = {meta.get(f'{ARCH6}.{k}')!r}, expected {v!r}"
+            for k, v in want.items()
+            if meta.get(f"{ARCH6}.{k}") != v
+        ]
+        V, bias = cfg["vocab_size"], bool(cfg.get("attention_bias", bias))
+    if C % N:
+        problems.append(f"head size {N} does not divide the width {C}")
+    n_tokens = len(meta.get("tokenizer.ggml.tokens") or [])
+    if n_tokens != V:
+        problems.append(f"tokenizer.ggml.tokens has {n_tokens} entries, expected vocab_size {V}")
+    want_t = expected_rwkv6qwen2_tensors(C, L, V, F, R, Rw, bias)
+    missing, extra = sorted(set(want_t) - set(tensors)), sorted(set(tensors) - set(want_t))
+    wrong = [
+        f"{n}: {tensors[n]} (expected {s})" for n, s in want_t.items() if n in tensors and tensors[n] != s
+    ]
+    for what, v in (("missing tensors", missing), ("unexpected tensors", extra), ("shape mismatches", wrong)):
+        if v:
+            problems.append(f"{len(v)} {what}: {', '.join(v[:12])}")
+    report = GgufReport(meta, tensors, reader)
+    if source is not None and not problems:
+        sd = read_state_dict(source)
+        for t in reader.tensors:
+            if t.tensor_type.name not in ("F32", "F16"):
+                continue
+            got = np.asarray(t.data, dtype=np.float32).reshape(tensors[t.name])
+            exp = rwkv6qwen2_gguf_source(t.name, sd)
+            if not np.allclose(got, exp.reshape(got.shape), rtol=0, atol=atol):
+                problems.append(
+                    f"{t.name} differs from the source (max |diff| {np.abs(got - exp).max():.3g})"
+                )
+            report.compared.append(t.name)
+    if problems:
+        raise CheckpointError(f"{path} is not the expected {ARCH6} GGUF: " + "; ".join(problems))
+    return report

@@ -568,6 +568,14 @@ def layout_problems(student: ArwkvForCausalLM) -> list[LayoutProblem]:
             )
         )
     if getattr(cfg, "version", 7) == 6:
+        if getattr(cfg, "rwkv6_variant", "finch") == "qrwkv":
+            problems.append(
+                P(
+                    "RWKV-6 mixers of the qrwkv form (no bonus, GLA read, sigmoid gate): the format's "
+                    "version 6 is BlinkDL's finch form (export it for llama.cpp's rwkv6qwen2 instead)",
+                    ("rwkv6_variant=finch",),
+                )
+            )
         return problems + _rank_problems6(student)
     if cfg.softmax_layers and 0 in cfg.softmax_layers:
         problems.append(

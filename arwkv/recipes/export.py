@@ -1,6 +1,6 @@
 """`arwkv export`: a student written where users run models, checked before it replaces OUT.
 
-    arwkv export runs/x --to gguf out/x-q8_0.gguf --dtype q8_0   llama.cpp (`arwkv7`), via its converter
+    arwkv export runs/x --to gguf out/x-q8_0.gguf --dtype q8_0   llama.cpp (arwkv7 or rwkv6qwen2)
     arwkv export runs/x --to rwkv_hybrid out/x-hybrid            the published ARWKV format
     arwkv export runs/x --to hf out/x-bf16 --dtype bf16          a transformers folder (remote code inside)
     arwkv export smollm2-135m --to gguf x.gguf --check           a recipe: will its student export?
@@ -364,7 +364,8 @@ def _write_gguf(student: Any, src: Source, work: Path, dtype: str) -> tuple[Path
     convert_to_gguf(hybrid, gguf, outtype=dtype)
     report = check_gguf(gguf, source=hybrid)
     n, m = len(report.tensors), len(report.compared)
-    checked = [f"gguf: {n} tensors as llama.cpp's arwkv7 expects, {m} bit-identical to the export"]
+    arch = report.metadata.get("general.architecture")
+    checked = [f"gguf: {n} tensors as llama.cpp's {arch} expects, {m} bit-identical to the export"]
     if m < n:
         checked[-1] += f", {n - m} {dtype} blocks checked by name and shape"
     template = getattr(_tokenizer(src), "chat_template", None)
@@ -383,7 +384,8 @@ def _tokenizer(src: Source) -> Any:
 
 
 def _llamacpp_logits(student: Any, gguf: Path, dtype: str) -> str:
-    """llama.cpp's own arwkv7 graph on the GGUF against the student, when its Python bindings are installed.
+    """llama.cpp's own graph (arwkv7 / rwkv6qwen2) on the GGUF against the student, when its Python bindings
+    are installed.
     One token per batch: llama.cpp's batched q8_0 path has crashed in its AMX kernels on some CPUs."""
     try:
         import llama_cpp

@@ -56,8 +56,9 @@ def activate6(m: ArwkvTimeMix6, g: torch.Generator) -> None:
     for name in ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2"):
         if hasattr(m, name):
             getattr(m, name).add_(rnd(getattr(m, name)) * 0.2)
-    for name in ("time_decay", "time_faaaa"):
-        getattr(m, name).add_(rnd(getattr(m, name)) * 0.5)
+    for name in ("time_decay", "time_faaaa"):  # the qrwkv form has no bonus
+        if hasattr(m, name):
+            getattr(m, name).add_(rnd(getattr(m, name)) * 0.5)
     if m.gate is not None:
         m.gate.weight.add_(rnd(m.gate.weight) * 0.2)
     m.output.weight.add_(rnd(m.output.weight) * 0.1)  # fresh init starts it at 0
@@ -211,6 +212,50 @@ def test_mixer6_matches_independent_recurrence(options, init):
         assert m.time_decay_w1.shape == (32, 8) and m.time_maa_w2.shape == (5, 4, 32) and m.num_heads == 8
 
 
+def reference_mixer_qrwkv(m, x: torch.Tensor):
+    """The QRWKV6 form token by token, written from llama.cpp's rwkv6qwen2 graph (fp64): ddlerp token shift,
+    decay w_t = exp(-exp(w0 + tanh(x_w W1) W2)), k_t <- k_t (1 - w_t), S <- diag(w_t) S + k_tᵀ v_t, then
+    y_t = N^-1/2 r_t S (the state after this token's write; no bonus, no GroupNorm),
+    out = W_o (y * sigmoid(W_g x_g))."""
+    B, T, C = x.shape
+    H, N = m.num_heads, m.head_size
+    S = x.new_zeros(B, H, N, N)
+    x_prev = x.new_zeros(B, C)
+    lin = lambda layer, z: F.linear(z, layer.weight, layer.bias)
+    outs = []
+    for t in range(T):
+        xt, xx = x[:, t], x_prev - x[:, t]
+        x_prev = xt
+        lora = torch.tanh((xt + xx * m.time_maa_x[0, 0]) @ m.time_maa_w1).view(B, 5, -1)
+        mixed = [
+            xt + xx * (getattr(m, f"time_maa_{n}")[0, 0] + lora[:, i] @ m.time_maa_w2[i])
+            for i, n in enumerate("wkvrg")
+        ]
+        xw, xk, xv, xr, xg = mixed
+        decay = torch.exp(-torch.exp(m.time_decay[0, 0] + torch.tanh(xw @ m.time_decay_w1) @ m.time_decay_w2))
+        r, k, v = lin(m.receptance, xr), lin(m.key, xk) * (1 - decay), lin(m.value, xv)
+        rh, kh, vh, wh = (z.view(B, H, N) for z in (r, k, v, decay))
+        S = wh[..., None] * S + kh[..., :, None] * vh[..., None, :]
+        y = (rh[..., None, :] @ S)[..., 0, :] * N**-0.5
+        y = y.reshape(B, -1) * torch.sigmoid(xg @ m.gate.weight.T)
+        outs.append(lin(m.output, y))
+    return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("init", ["copy", "fresh"])
+@pytest.mark.parametrize("head_size", [None, 4])
+def test_qrwkv_mixer_matches_rwkv6qwen2_recurrence(init, head_size):
+    student = student_for("qwen2", init=init, version=6, rwkv6_variant="qrwkv", head_size=head_size)
+    student = student.double()  # student_for moves every mixer tensor away from its init
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    for layer in student.model.layers[:2]:
+        m = layer.self_attn
+        assert m.qrwkv and m.ln_x is None and not hasattr(m, "time_faaaa")
+        assert (m.key.bias is not None) == (init == "copy")  # qwen2's k bias, copied
+        out, vf, state = m(x, None)
+        torch.testing.assert_close(out, reference_mixer_qrwkv(m, x), rtol=1e-10, atol=1e-10)
+
+
 def test_v6_copy_init_copies_projections_and_disables_token_shift():
     teacher = tiny_teacher("qwen2", seed=0)  # GQA: 4 query heads over 2 KV heads
     student = build_student(teacher, init="copy", version=6)
@@ -243,6 +288,9 @@ def test_v6_copy_init_copies_projections_and_disables_token_shift():
         (dict(version=5), "version must be 6 \\(RWKV-6\\) or 7"),
         (dict(version="six"), "version must be 6 \\(RWKV-6\\) or 7"),
         (dict(version=6, lora_ranks={"q": 4}), "lora_ranks keys must be among"),
+        (dict(rwkv6_variant="qrwkv"), "is a form of the RWKV-6 mixer: set version=6"),
+        (dict(version=6, rwkv6_variant="qrwkv", use_group_norm=True), "has no GroupNorm"),
+        (dict(version=6, rwkv6_variant="eagle"), "rwkv6_variant must be one of"),
     ],
 )
 def test_v6_option_the_teacher_cannot_take_is_one_clear_line(options, match):
@@ -325,6 +373,8 @@ STUDENTS = {  # name: (teacher family, init, options)
     "rwkv6-qwen3-copy-rope": ("qwen3", "copy", dict(version=6, use_rope=True)),
     "rwkv6-hybrid-fresh": ("llama", "fresh", dict(version=6, softmax_layers=[1])),
     "rwkv6-local-window": ("llama", "copy", dict(version=6, local_window=3, local_sinks=1)),
+    "qrwkv6-qwen2-copy": ("qwen2", "copy", dict(version=6, rwkv6_variant="qrwkv")),
+    "qrwkv6-hybrid-fresh": ("llama", "fresh", dict(version=6, rwkv6_variant="qrwkv", softmax_layers=[1])),
 }
 
 
@@ -442,6 +492,7 @@ def test_cache_save_restore_continues_conversation(student, tmp_path):
         dict(local_window=3, local_sinks=1),
         dict(version=6),
         dict(version=6, softmax_layers=[1]),
+        dict(version=6, rwkv6_variant="qrwkv"),
     ],
 )
 def test_packed_position_ids_reset_state(options):

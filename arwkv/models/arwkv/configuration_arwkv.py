@@ -12,6 +12,7 @@ from transformers import PreTrainedConfig
 WKV_BACKENDS = ("auto", "chunked", "fla")
 LORA_KEYS = ("w", "a", "v", "g", "mix")  # "mix": RWKV-6's token-shift LoRA (version 6 only)
 VERSIONS = (6, 7)
+RWKV6_VARIANTS = ("finch", "qrwkv")  # BlinkDL's RWKV-6; the QRWKV6 / RAD-RWKV6 form (llama.cpp rwkv6qwen2)
 
 # Teacher fields that generic transformers code (generate, tying, resizing) reads from the top-level config.
 MIRRORED_TEACHER_FIELDS = (
@@ -38,11 +39,16 @@ class ArwkvConfig(PreTrainedConfig):
         teacher_config: the teacher's `config.to_dict()` (must contain `model_type`).
         version: 7 = RWKV-7 time mixing (default); 6 = RWKV-6 ("Finch": data-dependent token shift, decay
             LoRA, bonus u, GroupNorm, SiLU gate; `lora_ranks` keys "w" and "mix").
+        rwkv6_variant: the RWKV-6 form (version 6 only). "finch" (default): BlinkDL's RWKV-6 as above.
+            "qrwkv": the form of the QRWKV6 / RAD-RWKV6 Qwen students (llama.cpp `rwkv6qwen2`): no bonus u,
+            the state read *after* this token's write (gated linear attention, scale N^-1/2), k scaled by
+            (1 - decay), sigmoid gate, no GroupNorm.
         head_size: RWKV head size N; default the teacher's head_dim.
         mixer_expand: r/k/v width as a multiple of the teacher's attention width (more WKV heads, more state
             per layer; copy init repeats the teacher's heads). 1 = the published RWKV-7/ARWKV layout.
         use_gate: output gate: low-rank `g = sigmoid(x_g g1) g2` (version 7), `silu(gate(x_g))` (version 6).
         use_group_norm: per-head GroupNorm `ln_x` on the WKV output (eps 1e-5 * N; RWKV-6's fixed 64e-5).
+            Default (None): on, except for the "qrwkv" RWKV-6 form, which has none.
         use_token_shift: mix each token with the previous one (`x_r ... x_g`); off = mu fixed at 0.
         use_rope: apply the teacher's RoPE to r and k (teacher head layout).
         use_qk_norm: per-head RMSNorm on r and k (`r_norm`, `k_norm`), carried over from Qwen3's q/k norms.
@@ -65,10 +71,11 @@ class ArwkvConfig(PreTrainedConfig):
         self,
         teacher_config: dict[str, Any] | None = None,
         version: int = 7,
+        rwkv6_variant: str = "finch",
         head_size: int | None = None,
         mixer_expand: int = 1,
         use_gate: bool = True,
-        use_group_norm: bool = True,
+        use_group_norm: bool | None = None,
         use_token_shift: bool = True,
         use_rope: bool = False,
         use_qk_norm: bool = False,
@@ -95,7 +102,8 @@ class ArwkvConfig(PreTrainedConfig):
         self.head_size = head_size
         self.mixer_expand = int(mixer_expand)
         self.use_gate = use_gate
-        self.use_group_norm = use_group_norm
+        self.rwkv6_variant = rwkv6_variant
+        self.use_group_norm = (rwkv6_variant != "qrwkv") if use_group_norm is None else use_group_norm
         self.use_token_shift = use_token_shift
         self.use_rope = use_rope
         self.use_qk_norm = use_qk_norm
@@ -117,6 +125,12 @@ class ArwkvConfig(PreTrainedConfig):
             raise ValueError("ArwkvConfig.teacher_config needs the teacher's 'model_type'.")
         if self.version not in VERSIONS:
             raise ValueError(f"version must be 6 (RWKV-6) or 7 (RWKV-7), got {self.version!r}.")
+        if self.rwkv6_variant not in RWKV6_VARIANTS:
+            raise ValueError(f"rwkv6_variant must be one of {RWKV6_VARIANTS}, got {self.rwkv6_variant!r}.")
+        if self.rwkv6_variant == "qrwkv" and self.version != 6:
+            raise ValueError("rwkv6_variant='qrwkv' is a form of the RWKV-6 mixer: set version=6 with it.")
+        if self.rwkv6_variant == "qrwkv" and self.use_group_norm:
+            raise ValueError("rwkv6_variant='qrwkv' has no GroupNorm: leave use_group_norm unset (or false).")
         if self.wkv_backend not in WKV_BACKENDS:
             raise ValueError(f"wkv_backend must be one of {WKV_BACKENDS}, got {self.wkv_backend!r}.")
         unknown = set(self.lora_ranks) - set(LORA_KEYS)

@@ -1150,6 +1150,11 @@ class ArwkvTimeMix6(ArwkvTimeMix):
     (arwkv/ops/wkv6/README.md). Parameter names follow BlinkDL's RWKV-6 checkpoints (`time_maa_*`,
     `time_decay*`, `time_faaaa`). Same call signature and state as `ArwkvTimeMix` (no value residual:
     v_first passes through untouched); teacher-layout helpers (q/k norms, RoPE, local branch) are shared.
+
+    `config.rwkv6_variant == "qrwkv"` is the QRWKV6 / RAD-RWKV6 form (llama.cpp's `rwkv6qwen2`): no bonus,
+    k scaled by (1 - decay), a sigmoid gate, no GroupNorm, and the state read after this token's write,
+    o_t = N^-1/2 r_t·h_t with h_t = diag(decay_t) h_{t-1} + k_t v_tᵀ. That is the RWKV-6 operator with
+    r_t·decay_t and no bonus, plus the current token's own term (r_t·k_t) v_t, so one kernel serves both.
     """
 
     version = 6
@@ -1179,7 +1184,9 @@ class ArwkvTimeMix6(ArwkvTimeMix):
         self.time_decay = nn.Parameter(torch.zeros(1, 1, D))
         self.time_decay_w1 = nn.Parameter(torch.zeros(C, ranks["w"]))
         self.time_decay_w2 = nn.Parameter(torch.zeros(ranks["w"], D))
-        self.time_faaaa = nn.Parameter(torch.zeros(self.num_heads, N))  # the bonus u
+        self.qrwkv = getattr(config, "rwkv6_variant", "finch") == "qrwkv"
+        if not self.qrwkv:
+            self.time_faaaa = nn.Parameter(torch.zeros(self.num_heads, N))  # the bonus u
 
         self.receptance = nn.Linear(C, D, bias=config.rkv_bias)
         self.key = nn.Linear(C, D, bias=config.rkv_bias)
@@ -1224,8 +1231,9 @@ class ArwkvTimeMix6(ArwkvTimeMix):
         _init_copy(self.time_decay_w1, 0.0)
         if not _guarded(self.time_decay_w2):
             nn.init.uniform_(self.time_decay_w2, -0.01, 0.01)
-        u = r01 * (1 - n / max(D - 1, 1)) + ((n + 1) % 3 - 1) * 0.1
-        _init_copy(self.time_faaaa, u.view(self.num_heads, N))
+        if not self.qrwkv:
+            u = r01 * (1 - n / max(D - 1, 1)) + ((n + 1) % 3 - 1) * 0.1
+            _init_copy(self.time_faaaa, u.view(self.num_heads, N))
         _init_orthogonal(self.receptance.weight, 1.0)
         _init_orthogonal(self.key.weight, 0.1)
         _init_orthogonal(self.value.weight, 1.0)
@@ -1292,12 +1300,24 @@ class ArwkvTimeMix6(ArwkvTimeMix):
         if mask is not None:  # padded tokens: no decay, no write (`where`: pads may hold inf)
             keep = mask[:, :, None, None]
             inputs = [torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in inputs]
-        o, new_wkv = wkv6(*inputs, self.time_faaaa, wkv_state, cu_seqlens, self.backend, self.chunk_size)
-        o = o.reshape(B, T, -1)
+        if self.qrwkv:
+            r, k, v, lw = inputs
+            decay = lw.exp()
+            r = r * N**-0.5
+            k = k * (1 - decay)
+            own = (r * k).sum(-1, keepdim=True) * v  # the current token's term, read after its write
+            bonus = torch.zeros(H, N, dtype=r.dtype, device=r.device)
+            o, new_wkv = wkv6(
+                r * decay, k, v, lw, bonus, wkv_state, cu_seqlens, self.backend, self.chunk_size
+            )
+            o = (o + own.to(o.dtype)).reshape(B, T, -1)
+        else:
+            o, new_wkv = wkv6(*inputs, self.time_faaaa, wkv_state, cu_seqlens, self.backend, self.chunk_size)
+            o = o.reshape(B, T, -1)
         if self.ln_x is not None:
             o = self.ln_x(o.reshape(B * T, -1)).view(B, T, -1)
         if self.gate is not None:
-            o = o * F.silu(self.gate(xg))
+            o = o * (torch.sigmoid if self.qrwkv else F.silu)(self.gate(xg))
         out = self.output(o)
         if self.local_attn is not None:
             local = self._local(x, mask, cu_seqlens, position_embeddings, local_state)
