@@ -35,6 +35,7 @@ from arwkv.interop.rwkv_hybrid import (
     layout_problems,
     read_config,
     read_state_dict,
+    write_checkpoint,
 )
 from arwkv.models.arwkv.modeling_arwkv import MIX6, default_lora_ranks6
 
@@ -121,15 +122,13 @@ def export_for_llamacpp(
 ) -> Path:
     """Write `out` so that `convert_hf_to_gguf.py out` makes an `arwkv7` GGUF: the rwkv_hybrid export plus the
     tokenizer (a directory holding tokenizer files, or a transformers tokenizer), weights in `dtype`."""
+    if getattr(student.config, "version", 7) == 6:
+        return export_rwkv6qwen2(student, out, tokenizer, dtype)
     problems = llamacpp_problems(student)
-    version = getattr(student.config, "version", 7)
     if problems:
         raise CheckpointError(
-            f"this student cannot be exported for llama.cpp's {ARCH6 if version == 6 else ARCH}: "
-            + "; ".join(problems)
+            f"this student cannot be exported for llama.cpp's {ARCH}: " + "; ".join(problems)
         )
-    if version == 6:
-        return export_rwkv6qwen2(student, out, tokenizer, dtype)
     # arwkv7 requires output.weight even for tied embeddings
     return export_rwkv_hybrid(student, out, tokenizer=tokenizer, untie=True, dtype=dtype)
 
@@ -176,7 +175,6 @@ def rwkv6qwen2_config(student: ArwkvForCausalLM) -> dict[str, Any]:
         "intermediate_size",
         "num_hidden_layers",
         "rms_norm_eps",
-        "hidden_act",
         "bos_token_id",
         "eos_token_id",
         "pad_token_id",
@@ -201,28 +199,13 @@ def export_rwkv6qwen2(
 ) -> Path:
     """Write `out` as an RWKV6Qwen2ForCausalLM folder (config.json, model.safetensors, tokenizer) for
     llama.cpp's `convert_hf_to_gguf.py` (architecture rwkv6qwen2)."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from arwkv.interop.rwkv_hybrid import check_vocab, save_tokenizer
-
     problems = [str(p) for p in rwkv6qwen2_layout_problems(student)]
     if problems:
         raise CheckpointError(
             f"this student cannot be exported for llama.cpp's {ARCH6}: " + "; ".join(problems)
         )
-    dtype = dtype or next(student.parameters()).dtype
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to("cpu", dtype).contiguous().clone() for k, v in rwkv6qwen2_tensors(student).items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = rwkv6qwen2_config(student) | {"torch_dtype": str(dtype).removeprefix("torch.")}
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, out)
-        check_vocab(out, student.config.vocab_size)
-    return out
+    tensors, cfg = rwkv6qwen2_tensors(student), rwkv6qwen2_config(student)
+    return write_checkpoint(student, out, tensors, cfg, tokenizer, dtype)
 
 
 CONVERTER = "convert_hf_to_gguf.py"
@@ -378,29 +361,38 @@ def check_gguf(path: str | Path | Any, source: str | Path | None = None, atol: f
     n_tokens = len(meta.get("tokenizer.ggml.tokens") or [])
     if n_tokens != layout.vocab:
         problems.append(f"tokenizer.ggml.tokens has {n_tokens} entries, expected vocab_size {layout.vocab}")
-    want = expected_gguf_tensors(layout)
-    missing = sorted(set(want) - set(tensors))
-    extra = sorted(set(tensors) - set(want))
-    wrong = [f"{n}: {tensors[n]} (expected {s})" for n, s in want.items() if n in tensors and tensors[n] != s]
-    for what, v in (("missing tensors", missing), ("unexpected tensors", extra), ("shape mismatches", wrong)):
-        if v:
-            problems.append(f"{len(v)} {what}: {', '.join(v[:12])}")
+    problems += _tensor_list_problems(expected_gguf_tensors(layout), tensors)
     report = GgufReport(meta, tensors, reader)
     if source is not None and not problems:
         sd = read_state_dict(source)
-        for t in reader.tensors:
-            if t.tensor_type.name not in ("F32", "F16"):
-                continue  # quantized / bf16 blocks: checked by name and shape only (see `compared`)
-            got = np.asarray(t.data, dtype=np.float32).reshape(tensors[t.name])
-            exp = _hybrid_source(t.name, sd, layout)
-            if not np.allclose(got, exp.reshape(got.shape), rtol=0, atol=atol):
-                problems.append(
-                    f"{t.name} differs from the source (max |diff| {np.abs(got - exp).max():.3g})"
-                )
-            report.compared.append(t.name)
+        problems += _compare_to_source(report, lambda name: _hybrid_source(name, sd, layout), atol)
     if problems:
         raise CheckpointError(f"{path} is not the expected {ARCH} GGUF: " + "; ".join(problems))
     return report
+
+
+def _tensor_list_problems(want: dict[str, tuple[int, ...]], tensors: dict[str, tuple[int, ...]]) -> list[str]:
+    """Missing, unexpected and misshapen tensors of a GGUF against the list its architecture needs."""
+    missing = sorted(set(want) - set(tensors))
+    extra = sorted(set(tensors) - set(want))
+    wrong = [f"{n}: {tensors[n]} (expected {s})" for n, s in want.items() if n in tensors and tensors[n] != s]
+    found = (("missing tensors", missing), ("unexpected tensors", extra), ("shape mismatches", wrong))
+    return [f"{len(v)} {what}: {', '.join(v[:12])}" for what, v in found if v]
+
+
+def _compare_to_source(report: GgufReport, source_of: Any, atol: float) -> list[str]:
+    """Every f32/f16 tensor of the GGUF against `source_of(name)` (the array the converter should write);
+    quantized / bf16 blocks are checked by name and shape only (see `report.compared`)."""
+    problems = []
+    for t in report.reader.tensors:
+        if t.tensor_type.name not in ("F32", "F16"):
+            continue
+        got = np.asarray(t.data, dtype=np.float32).reshape(report.tensors[t.name])
+        exp = source_of(t.name)
+        if not np.allclose(got, exp.reshape(got.shape), rtol=0, atol=atol):
+            problems.append(f"{t.name} differs from the source (max |diff| {np.abs(got - exp).max():.3g})")
+        report.compared.append(t.name)
+    return problems
 
 
 def _field_value(f: Any) -> Any:
@@ -551,27 +543,11 @@ def _check_rwkv6qwen2(
     n_tokens = len(meta.get("tokenizer.ggml.tokens") or [])
     if n_tokens != V:
         problems.append(f"tokenizer.ggml.tokens has {n_tokens} entries, expected vocab_size {V}")
-    want_t = expected_rwkv6qwen2_tensors(C, L, V, F, R, Rw, bias)
-    missing, extra = sorted(set(want_t) - set(tensors)), sorted(set(tensors) - set(want_t))
-    wrong = [
-        f"{n}: {tensors[n]} (expected {s})" for n, s in want_t.items() if n in tensors and tensors[n] != s
-    ]
-    for what, v in (("missing tensors", missing), ("unexpected tensors", extra), ("shape mismatches", wrong)):
-        if v:
-            problems.append(f"{len(v)} {what}: {', '.join(v[:12])}")
+    problems += _tensor_list_problems(expected_rwkv6qwen2_tensors(C, L, V, F, R, Rw, bias), tensors)
     report = GgufReport(meta, tensors, reader)
     if source is not None and not problems:
         sd = read_state_dict(source)
-        for t in reader.tensors:
-            if t.tensor_type.name not in ("F32", "F16"):
-                continue
-            got = np.asarray(t.data, dtype=np.float32).reshape(tensors[t.name])
-            exp = rwkv6qwen2_gguf_source(t.name, sd)
-            if not np.allclose(got, exp.reshape(got.shape), rtol=0, atol=atol):
-                problems.append(
-                    f"{t.name} differs from the source (max |diff| {np.abs(got - exp).max():.3g})"
-                )
-            report.compared.append(t.name)
+        problems += _compare_to_source(report, lambda name: rwkv6qwen2_gguf_source(name, sd), atol)
     if problems:
         raise CheckpointError(f"{path} is not the expected {ARCH6} GGUF: " + "; ".join(problems))
     return report

@@ -699,20 +699,34 @@ def export_rwkv_hybrid(
     Raises `CheckpointError` listing every way the layout does not fit (see `export_problems`); LoRA ranks
     below the format's are zero-padded (`pad_lora`). `untie` writes `lm_head.weight` even for tied embeddings
     (llama.cpp's arwkv7 requires it)."""
-    from safetensors.torch import save_file
-
     problems = export_problems(student)
     if problems:
         raise CheckpointError("this student does not fit the rwkv_hybrid format: " + "; ".join(problems))
     cfg = hybrid_config_from_student(student, untie=untie)
     layout = HybridLayout.from_config(cfg)
-    sd = _hybrid_tensors(student, layout)
+    return write_checkpoint(student, out, _hybrid_tensors(student, layout), cfg, tokenizer, dtype)
+
+
+def write_checkpoint(
+    student: ArwkvForCausalLM,
+    out: str | Path,
+    tensors: dict[str, torch.Tensor],
+    cfg: dict[str, Any],
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """A Hugging Face-style folder from an export's tensors and config: model.safetensors, config.json,
+    the student's generation config and the tokenizer (its vocabulary checked against the student's)."""
+    from safetensors.torch import save_file
+
     dtype = dtype or next(student.parameters()).dtype
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to("cpu", dtype).contiguous().clone() for k, v in sd.items()}  # clone: no shared storage
+    tensors = {
+        k: v.to("cpu", dtype).contiguous().clone() for k, v in tensors.items()
+    }  # clone: no shared storage
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    cfg = cfg | {"torch_dtype": str(dtype).removeprefix("torch.")}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = getattr(student, "generation_config", None)
     if gen is not None:
