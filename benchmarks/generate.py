@@ -1,21 +1,23 @@
-"""Decode speed and memory: an RWKV-7 student vs its teacher with a KV cache, at long contexts (CPU).
+"""Prefill and decode speed and memory: an RWKV-7 student vs its teacher with a KV cache (CPU).
 
 Both models share every non-attention weight: the teacher is a random Llama-like model (SmolLM2-135M shape
 by default: hidden 576, 9 heads / 3 KV heads, MLP 1536, vocab 49152, 30 layers); the student is
 `build_student(teacher, init="copy")`. For each context length L a fresh subprocess builds one model,
 prefills L random tokens in chunks (logits of the last token only), then times greedy decoding.
 
-Reported per (model, L):
-- decode tokens per CPU-second, one torch thread (other jobs on a shared machine do not distort it);
-  wall-clock tokens/s alongside;
+Reported per (model, L, batch B; B sequences of L tokens each):
+- prefill tokens per CPU-second (B·L tokens in chunks of --prefill-chunk);
+- decode tokens per CPU-second (B per step), one torch thread (other jobs on a shared machine do not distort
+  it); wall-clock tokens/s alongside; the student/teacher ratios of both, measured in the same run;
 - `state MiB`: exact bytes of the per-sequence cache (KV cache for the teacher; token shift + fp32 WKV
   state for the student);
 - `decode MiB`: the state plus the peak extra memory decoding allocates (peak RSS while decoding minus the
   RSS when decoding starts, from /proc: VmHWM reset through /proc/self/clear_refs after the prefill);
 - `peak RSS MiB`: the process's peak RSS while decoding (weights included).
 
-    python benchmarks/generate.py                       # 30 layers, contexts 1k 4k 16k
-    python benchmarks/generate.py --layers 6 --json out.json
+    python benchmarks/generate.py                       # 30 layers, contexts 1k 4k 16k, batch 1
+    python benchmarks/generate.py --layers 6 --contexts 1024 32768 --batches 1 8 --json out.json
+    python benchmarks/generate.py --contexts 1024 --models student --profile   # per-op decode profile
 
 The 30-layer teacher needs many CPU-minutes to prefill 16k tokens; `--layers` shrinks both models alike.
 """
@@ -84,6 +86,24 @@ def build_models(args: argparse.Namespace, which: str):
     return student
 
 
+def _profile_decode(model, cache, token, steps: int = 4, top: int = 15) -> list[dict]:
+    """Where a decode step spends its CPU time: the `top` ops by self time, per step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return [
+        {
+            "op": e.key,
+            "self_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
+            "share": round(e.self_cpu_time_total / total, 3),
+            "calls_per_step": e.count // steps,
+        }
+        for e in rows
+    ]
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One (model, context) measurement; runs in its own process so that RSS figures are not mixed."""
     torch.set_num_threads(args.threads)
@@ -97,8 +117,8 @@ def worker(args: argparse.Namespace) -> dict:
         from arwkv.models import ArwkvCache
 
         cache = ArwkvCache(model.config)
-    context = args.context
-    ids = torch.randint(3, args.vocab, (1, context), generator=torch.Generator().manual_seed(1))
+    context, batch = args.context, args.batch
+    ids = torch.randint(3, args.vocab, (batch, context), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         c0 = time.process_time()
         for start in range(0, context, args.prefill_chunk):
@@ -117,15 +137,19 @@ def worker(args: argparse.Namespace) -> dict:
         for _ in range(args.decode):
             token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         decode_wall, decode_cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = _proc_status("VmHWM") if peak_reset else _proc_status("VmRSS")
+        peak = _proc_status("VmHWM") if peak_reset else _proc_status("VmRSS")
+        profile = _profile_decode(model, cache, token) if args.profile else None
     return {
         "model": args.worker,
         "context": context,
+        "batch": batch,
+        "prefill_tok_s": round(batch * context / prefill_s, 1),
+        "profile": profile,
         "layers": args.layers,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "prefill_cpu_s": round(prefill_s, 2),
-        "decode_tok_s": round(args.decode / decode_cpu, 2),
-        "decode_tok_s_wall": round(args.decode / decode_wall, 2),
+        "decode_tok_s": round(batch * args.decode / decode_cpu, 2),
+        "decode_tok_s_wall": round(batch * args.decode / decode_wall, 2),
         "state_MiB": round(_cache_bytes(cache) / 2**20, 2),
         "decode_MiB": round((_cache_bytes(cache) + peak - rss_start) / 2**20, 1),
         "peak_rss_MiB": round(peak / 2**20, 1),
@@ -138,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1], help="sequences decoded together")
+    parser.add_argument("--profile", action="store_true", help="also print a per-op profile of decode steps")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--heads", type=int, default=9)
@@ -151,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", choices=["teacher", "student"], help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
@@ -172,43 +199,67 @@ def main(argv: list[str] | None = None) -> int:
         )
     ]
     for context in args.contexts:
-        for which in args.models:
-            cmd = [
-                sys.executable,
-                __file__,
-                *shared,
-                f"--contexts={context}",
-                f"--worker={which}",
-                f"--context={context}",
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr, file=sys.stderr)
-                return proc.returncode
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            r = results[-1]
-            print(
-                f"  {which:7s} ctx {context:6d}: {r['decode_tok_s']} tok/s, state {r['state_MiB']} MiB",
-                file=sys.stderr,
-            )
+        for batch in args.batches:
+            for which in args.models:
+                cmd = [sys.executable, __file__, *shared, f"--contexts={context}", f"--worker={which}"]
+                cmd += [f"--context={context}", f"--batch={batch}", *(["--profile"] if args.profile else [])]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(proc.stderr, file=sys.stderr)
+                    return proc.returncode
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                r = results[-1]
+                print(
+                    f"  {which:7s} ctx {context:6d} batch {batch}: decode {r['decode_tok_s']} tok/s, "
+                    f"prefill {r['prefill_tok_s']} tok/s, state {r['state_MiB']} MiB",
+                    file=sys.stderr,
+                )
+                for op in r["profile"] or []:
+                    print(
+                        f"      {op['self_ms_per_step']:9.3f} ms/step {100 * op['share']:5.1f}% "
+                        f"{op['calls_per_step']:5d} calls  {op['op']}",
+                        file=sys.stderr,
+                    )
 
     header = (
-        f"{'model':8s} {'context':>8s} {'CPU tok/s':>13s} {'state MiB':>10s} {'decode MiB':>11s} "
-        f"{'peak RSS MiB':>13s} {'prefill CPU s':>14s} {'wall tok/s':>11s}"
+        f"{'model':8s} {'context':>8s} {'batch':>5s} {'decode tok/s':>13s} {'prefill tok/s':>14s} "
+        f"{'state MiB':>10s} {'decode MiB':>11s} {'peak RSS MiB':>13s} {'wall tok/s':>11s}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r['model']:8s} {r['context']:8d} {r['decode_tok_s']:13.2f} {r['state_MiB']:10.2f} "
-            f"{r['decode_MiB']:11.1f} {r['peak_rss_MiB']:13.1f} {r['prefill_cpu_s']:14.1f} "
-            f"{r['decode_tok_s_wall']:11.2f}"
+            f"{r['model']:8s} {r['context']:8d} {r['batch']:5d} {r['decode_tok_s']:13.2f} "
+            f"{r['prefill_tok_s']:14.1f} {r['state_MiB']:10.2f} {r['decode_MiB']:11.1f} "
+            f"{r['peak_rss_MiB']:13.1f} {r['decode_tok_s_wall']:11.2f}"
         )
+    by = {(r["model"], r["context"], r["batch"]): r for r in results}
+    ratios = []
+    for (model, context, batch), r in by.items():
+        t = by.get(("teacher", context, batch))
+        if model == "student" and t:
+            ratios.append(
+                dict(
+                    context=context,
+                    batch=batch,
+                    decode=round(r["decode_tok_s"] / t["decode_tok_s"], 2),
+                    prefill=round(r["prefill_tok_s"] / t["prefill_tok_s"], 2),
+                    state_over_kv=round(r["state_MiB"] / t["state_MiB"], 4),
+                )
+            )
+    if ratios:
+        print("\nstudent / teacher (same run): context batch  decode  prefill  state/KV-cache")
+        for q in ratios:
+            print(
+                f"{q['context']:37d} {q['batch']:5d} {q['decode']:6.2f}x {q['prefill']:7.2f}x "
+                f"{q['state_over_kv']:10.4f}"
+            )
     report = {
         "layers": args.layers,
         "threads": args.threads,
         "decode_tokens": args.decode,
         "results": results,
+        "student_over_teacher": ratios,
     }
     print(json.dumps(report))
     if args.json is not None:

@@ -1,6 +1,7 @@
-"""Time the RWKV-7 WKV operator on CPU: per-token recurrence vs chunked kernel vs causal softmax attention.
+"""Time the RWKV-7 WKV operator on CPU: the C++ kernel, the chunked PyTorch kernel, the per-token PyTorch
+recurrence and causal softmax attention (SDPA), at the same shapes.
 
-    python benchmarks/wkv.py [--quick] [--threads 2] [--json out.json]
+    python benchmarks/wkv.py [--quick] [--threads 1 --clock cpu] [--batch 4 --heads 9] [--json out.json]
 
 Forward timings run under torch.no_grad (inference); forward+backward ("fwd+bwd") under autograd with
 o.sum() as the loss (for SDPA the same q, k, v shapes, [B, H, T, N], is_causal=True). Every figure is the best
@@ -11,8 +12,10 @@ carry "extrapolated_from" in the JSON. Compare ratios measured in the same run; 
 FLOPs of the chunked forward (multiply-adds x 2, per head, per chunk of C tokens, head size d, as computed by
 arwkv/ops/wkv7/chunked.py): intra-chunk 9·C²·d (the 2C x 2C product, A_ak·V, T·[Ã | A_ak·V], A_qk·V, A_qb·U),
 state terms 4·C·d² (K̂ᵀV, W·h, B̂ᵀU, R̃·h) and the UT inverse (2·ceil(log2 C)−2)·C³ for C ≤ 16 (blocks of 16
-for longer chunks). Element-wise work is not counted. "matmul" is a square fp32 matmul of size 1024 timed in
-the same run; "% matmul" is the chunked forward's achieved GFLOP/s relative to it.
+for longer chunks). Element-wise work is not counted. FLOPs of the native forward (arwkv/ops/wkv7/
+wkv7_cpu.cpp, per token and head): the state read hᵀa (2·d²), the update diag(w)h + kvᵀ + buᵀ (5·d²) and the
+output hᵀr (2·d²), 9·d² in all. "matmul" is a square fp32 matmul of size 1024 timed in the same run;
+"% matmul" is a forward's achieved GFLOP/s relative to it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from arwkv.ops.wkv7 import CHUNK_SIZE_DEFAULT
 from arwkv.ops.wkv7.chunked import wkv7_chunked
 from arwkv.ops.wkv7.naive import wkv7_recurrent
+from arwkv.ops.wkv7.native import native_problem, wkv7_native
 
 CHUNKS = (16, 32, 64)
 # largest T measured directly; beyond it the linear extrapolation is used
@@ -48,6 +52,10 @@ def inv_macs(C: int) -> int:
 def chunked_flops(B: int, T: int, H: int, d: int, C: int) -> float:
     chunks = B * H * math.ceil(T / C)
     return 2.0 * chunks * (9 * C * C * d + 4 * C * d * d + inv_macs(C))
+
+
+def native_flops(B: int, T: int, H: int, d: int) -> float:
+    return 9.0 * B * T * H * d * d
 
 
 def make_inputs(B: int, T: int, H: int, N: int, dtype: torch.dtype, grad: bool):
@@ -125,6 +133,16 @@ def bench(args) -> dict:
         for T in args.T:
             xs = make_inputs(B, T, H, N, dtype, grad=False)
             xg = make_inputs(B, T, H, N, dtype, grad=True)
+            if native_problem() is None:
+                record(dname, T, "native", "fwd", best_ms(fwd(lambda xs=xs: wkv7_native(*xs)), args.reps), T)
+                record(
+                    dname,
+                    T,
+                    "native",
+                    "fwd+bwd",
+                    best_ms(fwd_bwd(lambda xg=xg: wkv7_native(*xg), xg), args.reps),
+                    T,
+                )
             for C in CHUNKS:
                 record(
                     dname,
@@ -186,9 +204,14 @@ def bench(args) -> dict:
                 Tb,
             )
     for row in results:
-        if row["impl"].startswith("chunk") and row["mode"] == "fwd":
-            gf = chunked_flops(B, row["T"], H, N, int(row["impl"][5:])) / (row["ms"] * 1e-3) / 1e9
-            row["gflops"], row["matmul_fraction"] = gf, gf / matmul
+        if row["mode"] != "fwd" or not (row["impl"].startswith("chunk") or row["impl"] == "native"):
+            continue
+        if row["impl"] == "native":
+            flops = native_flops(B, row["T"], H, N)
+        else:
+            flops = chunked_flops(B, row["T"], H, N, int(row["impl"][5:]))
+        gf = flops / (row["ms"] * 1e-3) / 1e9
+        row["gflops"], row["matmul_fraction"] = gf, gf / matmul
     return dict(
         config=dict(
             B=B,
@@ -211,12 +234,17 @@ def bench(args) -> dict:
 
 def table(report: dict) -> str:
     res = {(r["dtype"], r["T"], r["impl"], r["mode"]): r for r in report["results"]}
-    impls = ["recurrent", *(f"chunk{C}" for C in CHUNKS), "sdpa"]
+    impls = ["recurrent", *(f"chunk{C}" for C in CHUNKS), "native", "sdpa"]
     lines = []
     for dtype in sorted({r["dtype"] for r in report["results"]}, reverse=True):
         for mode in ("fwd", "fwd+bwd"):
             lines.append(f"\n{dtype} {mode} (ms; ~ = extrapolated linearly from a shorter T)")
-            lines.append("     T " + "".join(f"{i:>12s}" for i in impls) + "   rec/chunk  sdpa/chunk")
+            lines.append(
+                "     T "
+                + "".join(f"{i:>12s}" for i in impls)
+                + "  sdpa/native sdpa/chunk"
+                + str(CHUNK_SIZE_DEFAULT)
+            )
             for T in sorted({r["T"] for r in report["results"]}):
                 cells, row = [], {i: res.get((dtype, T, i, mode)) for i in impls}
                 for i in impls:
@@ -224,10 +252,12 @@ def table(report: dict) -> str:
                     cells.append(
                         f"{'~' if r and 'extrapolated_from' in r else ''}{r['ms']:.1f}" if r else "-"
                     )
-                c = row[f"chunk{CHUNK_SIZE_DEFAULT}"]
-                ratios = f"{row['recurrent']['ms'] / c['ms']:10.1f}x {row['sdpa']['ms'] / c['ms']:10.2f}x"
-                lines.append(f"{T:6d} " + "".join(f"{x:>12s}" for x in cells) + "  " + ratios)
-    lines.append(f"\nchunked forward GFLOP/s (fp32 matmul: {report['matmul_gflops']:.1f} GFLOP/s)")
+                ratios = "".join(
+                    f"{row['sdpa']['ms'] / row[i]['ms']:11.2f}x" if row[i] else f"{'-':>12s}"
+                    for i in ("native", f"chunk{CHUNK_SIZE_DEFAULT}")
+                )
+                lines.append(f"{T:6d} " + "".join(f"{x:>12s}" for x in cells) + " " + ratios)
+    lines.append(f"\nforward GFLOP/s (fp32 matmul: {report['matmul_gflops']:.1f} GFLOP/s)")
     for r in report["results"]:
         if "gflops" in r and r["dtype"] == "fp32":
             lines.append(
@@ -238,32 +268,41 @@ def table(report: dict) -> str:
 
 
 def targets(report: dict) -> str:
-    """The acceptance ratios of issue 2 (fp32, default chunk size), where this run measured them."""
-    res = {(r["dtype"], r["T"], r["impl"], r["mode"]): r["ms"] for r in report["results"]}
-    c = f"chunk{CHUNK_SIZE_DEFAULT}"
+    """Issue 15's acceptance ratios (fp32, the kernel `auto` picks on CPU), where this run measured them."""
+    res = {(r["dtype"], r["T"], r["impl"], r["mode"]): r for r in report["results"]}
+    impl = (
+        "native"
+        if ("fp32", report["config"]["Ts"][0], "native", "fwd") in res
+        else f"chunk{CHUNK_SIZE_DEFAULT}"
+    )
     out = []
 
-    def check(name, key_a, key_b, need):
-        if key_a in res and key_b in res:
-            ratio = res[key_a] / res[key_b]
-            out.append(f"  {name}: {ratio:.1f}x (need >= {need}x) {'MET' if ratio >= need else 'NOT MET'}")
+    def check(name, T, mode, need):
+        a, b = res.get(("fp32", T, "sdpa", mode)), res.get(("fp32", T, impl, mode))
+        if a and b:
+            ratio = a["ms"] / b["ms"]
+            out.append(f"  {name}: {ratio:.2f}x (need >= {need}x) {'MET' if ratio >= need else 'NOT MET'}")
 
-    check("fwd recurrent/chunked T=2048", ("fp32", 2048, "recurrent", "fwd"), ("fp32", 2048, c, "fwd"), 5)
-    for T in report["config"].get("Ts", []):
-        check(
-            f"fwd+bwd recurrent/chunked T={T}",
-            ("fp32", T, "recurrent", "fwd+bwd"),
-            ("fp32", T, c, "fwd+bwd"),
-            50,
-        )
-    check("fwd sdpa/chunked T=2048", ("fp32", 2048, "sdpa", "fwd"), ("fp32", 2048, c, "fwd"), 1)
-    check("fwd sdpa/chunked T=8192", ("fp32", 8192, "sdpa", "fwd"), ("fp32", 8192, c, "fwd"), 4)
-    return f"targets (fp32, chunk_size={CHUNK_SIZE_DEFAULT}):\n" + "\n".join(out)
+    for T, need in ((512, 1), (2048, 2), (8192, 8)):
+        check(f"fwd sdpa/{impl} T={T}", T, "fwd", need)
+    check(f"fwd+bwd sdpa/{impl} T=512", 512, "fwd+bwd", 1)
+    if report["config"]["B"] * report["config"]["H"] >= 36:  # the training shape
+        for T in report["config"]["Ts"]:
+            r = res.get(("fp32", T, impl, "fwd"))
+            if r and "matmul_fraction" in r:
+                f = r["matmul_fraction"]
+                verdict = "MET" if f >= 0.4 else "NOT MET"
+                out.append(f"  {impl} T={T} at {100 * f:.0f}% of matmul (need >= 40%) {verdict}")
+    return f"targets (fp32, {impl}):\n" + "\n".join(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="T in {512, 2048}, fp32 only, fewer repetitions")
+    p.add_argument("--T", type=int, nargs="+", help="sequence lengths (default 256 512 2048 8192)")
+    p.add_argument(
+        "--dtypes", nargs="+", choices=["fp32", "bf16"], help="default fp32 (and bf16 unless --quick)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--batch", type=int, default=1)
@@ -280,8 +319,8 @@ def main() -> None:
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
-    args.T = [512, 2048] if args.quick else [512, 2048, 8192]
-    args.dtypes = ["fp32"] if args.quick else ["fp32", "bf16"]
+    args.T = args.T or ([512, 2048] if args.quick else [256, 512, 2048, 8192])
+    args.dtypes = args.dtypes or (["fp32"] if args.quick else ["fp32", "bf16"])
     args.reps = args.reps or (2 if args.quick else 5)
     args.load0 = os.getloadavg()
     print(

@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-WKV_BACKENDS = ("auto", "chunked", "fla")
+WKV_BACKENDS = ("auto", "chunked", "native", "fla")
 LORA_KEYS = ("w", "a", "v", "g", "mix")  # "mix": RWKV-6's token-shift LoRA (version 6 only)
 VERSIONS = (6, 7)
 RWKV6_VARIANTS = ("finch", "qrwkv")  # BlinkDL's RWKV-6; the QRWKV6 / RAD-RWKV6 form (llama.cpp rwkv6qwen2)
@@ -60,7 +60,8 @@ class ArwkvConfig(PreTrainedConfig):
             positions plus the first `local_sinks` tokens, and adds the RWKV output to it through a gain
             that starts at 0 (the untrained student is then the sliding-window baseline). 0 = pure RWKV-7.
         local_sinks: attention sinks of that local branch.
-        wkv_backend: "auto" (fla on CUDA when importable, else chunked), "chunked" or "fla".
+        wkv_backend: "auto" (fla on CUDA when importable; on CPU arwkv's C++ kernel when arwkv is installed
+            and it builds, else chunked), "chunked" (pure PyTorch), "native" (the C++ CPU kernel) or "fla".
         wkv_chunk_size: chunk length of the pure-PyTorch WKV kernel.
     """
 

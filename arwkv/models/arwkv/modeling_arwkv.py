@@ -9,7 +9,7 @@ local attention (copied from `arwkv/ops/local_attention.py`), the token shift, `
 the decoder layer, the inference cache, model, causal LM.
 
 This file ships inside every saved checkpoint as remote code: it imports only torch and transformers
-(fla optionally, on CUDA).
+(fla optionally, on CUDA; arwkv's C++ CPU kernel optionally, when the arwkv package is installed).
 """
 
 from __future__ import annotations
@@ -437,6 +437,22 @@ def _wkv7_fla(kernels, r, w, k, v, a, b, initial_state, cu_seqlens):
     )
 
 
+def _native_kernel(backend: str):
+    """arwkv's C++ CPU kernel (arwkv/ops/wkv7/native.py) when the arwkv package is installed and the kernel
+    builds on this machine; None otherwise (the chunked kernel below then runs)."""
+    try:  # inside try: transformers' remote-code import scan skips it (arwkv is optional here)
+        from arwkv.ops.wkv7.native import native_problem, wkv7_native
+    except ImportError:
+        problem = "wkv_backend='native' needs the arwkv package (pip install arwkv)"
+    else:
+        problem = native_problem()  # builds once per machine; warns once when it cannot
+        if problem is None:
+            return wkv7_native
+    if backend == "native":
+        raise ImportError(f"{problem}; or use wkv_backend='chunked'")
+    return None
+
+
 def wkv7(r, w, k, v, a, b, initial_state, cu_seqlens, backend: str, chunk_size: int):
     """The one place a WKV kernel is chosen. Returns (o [B, T, H, V] in v's dtype, final state fp32)."""
     kernels = _fla_kernels(backend) if backend == "fla" or (backend == "auto" and r.is_cuda) else None
@@ -445,6 +461,11 @@ def wkv7(r, w, k, v, a, b, initial_state, cu_seqlens, backend: str, chunk_size: 
     if kernels is not None:
         o, state = _wkv7_fla(kernels, r, w, k, v, a, b, initial_state, cu_seqlens)
         return o.to(v.dtype), state
+    if backend == "native" and r.is_cuda:
+        raise ValueError("wkv_backend='native' is the CPU kernel; use 'fla' or 'auto' on CUDA.")
+    native = _native_kernel(backend) if backend == "native" or (backend == "auto" and not r.is_cuda) else None
+    if native is not None:
+        return native(r, w, k, v, a, b, 1.0, initial_state, True, cu_seqlens)
     if r.shape[1] == 1 and cu_seqlens is None:
         if initial_state is None:
             initial_state = torch.zeros(*k.shape[::2], k.shape[-1], v.shape[-1], device=k.device)

@@ -10,17 +10,19 @@ from arwkv.ops.wkv7.chunked import wkv7_chunked
 from arwkv.ops.wkv7.conventions import DECAY_LOG_MIN
 from arwkv.ops.wkv7.fla import fla_available, fla_problem, wkv7_fla
 from arwkv.ops.wkv7.naive import wkv7_recurrent
+from arwkv.ops.wkv7.native import native_available, native_problem, wkv7_native
 
 __all__ = [
     "wkv7",
     "wkv7_chunked",
     "wkv7_recurrent",
+    "wkv7_native",
     "Wkv7InputError",
     "CHUNK_SIZE_DEFAULT",
     "MAX_CHUNK_EXPONENT",
 ]
 
-BACKENDS = ("auto", "recurrent", "chunked", "fla")
+BACKENDS = ("auto", "recurrent", "chunked", "native", "fla")
 #: chunked backend's chunk size when none is given (fastest of 16/32/64 for N=64 on CPU: benchmarks/wkv.py)
 CHUNK_SIZE_DEFAULT = 16
 #: the chunked backend needs chunk_size * max(-w) <= this (its factors reach e^{±40} in fp32; README §3.3)
@@ -56,8 +58,9 @@ def wkv7(
             number of sequences with ``cu_seqlens``.
         output_final_state: also return the state after the last token of each sequence.
         cu_seqlens: int ``[N + 1]`` offsets of packed sequences (B must be 1); the state restarts at each.
-        backend: "recurrent" (reference), "chunked" (pure PyTorch), "fla" (Triton, CUDA) or "auto"
-            (fla on CUDA when installed, else chunked).
+        backend: "recurrent" (reference), "chunked" (pure PyTorch), "native" (C++ per-token recurrence,
+            CPU; built on first use), "fla" (Triton, CUDA) or "auto" (fla on CUDA when installed; on CPU
+            native when it builds, else chunked).
         chunk_size: chunk length of "chunked"/"fla"; None picks ``CHUNK_SIZE_DEFAULT`` for "chunked", shrunk
             when the decay is so strong that ``chunk_size · max(-w) > MAX_CHUNK_EXPONENT``.
 
@@ -73,10 +76,19 @@ def wkv7(
             "arwkv.ops.wkv7.conventions, e.g. d_to_logdecay for raw pre-sigmoid decays)"
         )
     if backend == "auto":
-        backend = "fla" if r.is_cuda and fla_available() else "chunked"
+        if r.is_cuda:
+            backend = "fla" if fla_available() else "chunked"
+        else:
+            backend = "native" if native_available() else "chunked"
     args = (r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens)
     if backend == "recurrent":
         return wkv7_recurrent(*args)
+    if backend == "native":
+        if r.is_cuda:
+            raise Wkv7InputError("backend='native' is the CPU kernel; use backend='fla' or 'chunked' on CUDA")
+        if not native_available():
+            raise Wkv7InputError(f"backend='native': {native_problem()}; or use backend='chunked'")
+        return wkv7_native(*args)
     if backend == "fla":
         if not r.is_cuda:
             raise Wkv7InputError("backend='fla' needs CUDA tensors; use backend='chunked' on CPU")
@@ -100,7 +112,7 @@ def _chunk_size_for(chunk_size: int | None, max_neg_logdecay: float) -> int:
             f"backend needs chunk_size * max(-w) <= {MAX_CHUNK_EXPONENT:g} (the fp32 range of its factorized "
             "exponents). "
             + (f"Use chunk_size <= {limit}, " if limit >= 1 else "")
-            + "clamp the decay (RWKV-7 keeps w >= -0.6065), or use backend='recurrent'."
+            + "clamp the decay (RWKV-7 keeps w >= -0.6065), or use backend='native' or 'recurrent'."
         )
     return 1 << (int(MAX_CHUNK_EXPONENT // max_neg_logdecay).bit_length() - 1)
 
