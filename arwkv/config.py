@@ -215,6 +215,9 @@ class RecipeConfig:
     out_dir: str = ""  # empty: runs/<name>
     seed: int = 0
     threads: int = 0  # torch CPU threads per process; 0 = leave torch's default
+    # CPU: time training steps at 1 thread and at `threads` (or torch's default), train at the faster, and
+    # time again every 100 steps (a shared machine changes which wins; results then depend on the counts used)
+    thread_tuning: bool = False
     # > 1: `arwkv convert` starts this many local processes itself (DDP, as torchrun would); tiny models use
     # several CPU cores far better as processes than as threads. Ignored under torchrun / accelerate launch.
     processes: int = 1

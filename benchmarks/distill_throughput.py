@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from arwkv.train.threads import ThreadTuner
+
 
 def build(args: argparse.Namespace, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -54,14 +56,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, device: torch.device, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
+def time_steps(step, device: torch.device, warmup: int, steps: int, tuning: bool = False) -> float:
+    """Seconds per step. With `tuning`, every step runs at the thread count the training loop's ThreadTuner
+    picks (its first probe of 1 thread vs the default takes 4 steps: give --warmup 4 to keep it untimed)."""
+    tuner = ThreadTuner() if tuning else None
+
+    def one() -> None:
+        if tuner is None:
+            return step()
+        tuner.before_step()
+        t = time.perf_counter()
         step()
+        tuner.after_step(time.perf_counter() - t, 1)
+
+    for _ in range(warmup):
+        one()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
+        one()
     sync(device)
+    if tuner is not None:
+        print(f"  thread tuning: {tuner.rates} tok/step/s -> {tuner.current} threads", flush=True)
+        tuner.restore()
     return (time.perf_counter() - t0) / steps
 
 
@@ -128,7 +145,13 @@ def run(args: argparse.Namespace) -> dict:
         params = [p for p in student.parameters() if p.requires_grad]
         record(
             "distill",
-            time_steps(stage_step(task, params, batch, args.bf16, device), device, args.warmup, args.steps),
+            time_steps(
+                stage_step(task, params, batch, args.bf16, device),
+                device,
+                args.warmup,
+                args.steps,
+                args.thread_tuning,
+            ),
         )
     base = results["teacher"]["s_per_step"]
     for r in results.values():
@@ -147,6 +170,7 @@ def run(args: argparse.Namespace) -> dict:
         "teacher_params_M": sum(p.numel() for p in teacher.parameters()) / 1e6,
         "student_params_M": sum(p.numel() for p in student.parameters()) / 1e6,
         "stages": results,
+        "thread_tuning": args.thread_tuning,
     }
 
 
@@ -186,6 +210,9 @@ def main() -> None:
         help="auto: fla on CUDA when installed (Triton autotuning takes minutes on first use)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    p.add_argument(
+        "--thread-tuning", action="store_true", help="distill steps at the thread count ThreadTuner picks"
+    )
     # SmolLM2-135M's shape
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--hidden", type=int, default=576)

@@ -35,6 +35,7 @@ from arwkv.train import checkpoint as ckpt
 from arwkv.train.distributed import DistEnv, barrier, init_distributed
 from arwkv.train.loop import LoopResult, micro_batch_size
 from arwkv.train.metrics import heldout_metrics, iter_batches
+from arwkv.train.threads import ThreadTuner
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -349,6 +350,7 @@ def _run_stage(
         strategy=cfg.distributed.strategy,
         config_yaml=config_yaml,
         resume=cfg.resume,
+        thread_tuner=ThreadTuner() if cfg.thread_tuning and env.device.type == "cpu" else None,
     )
     stage_dir = cfg.run_dir / name
     if name == "dpo":  # preference pairs instead of packed rows (arwkv.recipes.dpo)

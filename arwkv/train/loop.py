@@ -35,6 +35,7 @@ from arwkv.errors import ArwkvError, ConfigError, TrainingDivergedError
 from arwkv.train import checkpoint as ckpt
 from arwkv.train.distributed import DistEnv, all_reduce_sum, barrier, current_env, wrap
 from arwkv.train.schedule import make_scheduler
+from arwkv.train.threads import ThreadTuner
 
 Batch = dict[str, torch.Tensor]
 
@@ -193,13 +194,15 @@ def train(
     resume: bool = True,
     desc: str = "train",
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    thread_tuner: ThreadTuner | None = None,
 ) -> LoopResult:
     """Train `task` for the stage's token budget.
 
     `data` yields this process's micro-batches and has `state_dict()` / `load_state_dict()`. `param_groups`:
     AdamW groups ({"params", "lr", "name"}); default all trainable parameters at `cfg.lr`. `eval_fn(task)`
     returns held-out metrics (called on every process, in eval mode, without gradients, with the RNG state
-    restored afterwards). Returns a LoopResult; raises TrainingInterrupted after a clean stop and
+    restored afterwards). `thread_tuner` picks the CPU thread count of each step by measuring (threads.py).
+    Returns a LoopResult; raises TrainingInterrupted after a clean stop and
     TrainingDivergedError on a non-finite loss or gradient.
     """
     env = env or current_env()
@@ -284,6 +287,7 @@ def train(
             while step < n_steps:
                 data_before = data.state_dict() if hasattr(data, "state_dict") else None
                 rng_before = ckpt.rng_state()
+                threads = thread_tuner.before_step() if thread_tuner is not None else None
                 t0 = time.perf_counter()
                 micro = [next(data) for _ in range(cfg.grad_accum)]
                 counts = torch.tensor(
@@ -340,6 +344,8 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 dt = time.perf_counter() - t0
+                if thread_tuner is not None:
+                    thread_tuner.after_step(dt, int(counts[1].item()))
                 wall += dt
                 tokens += int(counts[1].item())
                 tok_session += int(counts[1].item())
@@ -353,6 +359,8 @@ def train(
                     "wall_s": wall,
                 }
                 record.update({k: red[2 + i].item() / denom for i, k in enumerate(keys)})
+                if threads is not None:
+                    record["threads"] = threads
                 if step % max(cfg.log_interval, 1) == 0 or step == n_steps:
                     logger.log(record)
                 history.append(record)
@@ -392,6 +400,8 @@ def train(
     finally:
         bar.close()
         logger.close()
+        if thread_tuner is not None:
+            thread_tuner.restore()
     return LoopResult(
         steps=step,
         tokens=tokens,
