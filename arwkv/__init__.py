@@ -5,7 +5,7 @@ The small public API (imported lazily, so `import arwkv` stays cheap):
     >>> import arwkv
     >>> result = arwkv.run_recipe("stories260k", ["distill.tokens=1e6"])   # the whole pipeline
     >>> cfg = arwkv.load_recipe("smollm2-135m", ["distill.lr=5e-4"])     # typed RecipeConfig
-    >>> teacher, tok = arwkv.load_teacher("smollm2-135m-instruct")
+    >>> teacher, tok = arwkv.load_model("smollm2-135m-instruct")         # any model spec, one loader
     >>> student = arwkv.build_student(teacher, init="copy", untie_embeddings=True)
     >>> arwkv.heldout_metrics(student, teacher, batches)                 # KL / NLL / top-1 vs the teacher
 """
@@ -24,6 +24,7 @@ _LAZY = {
     "RecipeConfig": "arwkv.config",
     "StageConfig": "arwkv.config",
     "build_student": "arwkv.convert.build",
+    "load_model": "arwkv.loading",
     "load_teacher": "arwkv.convert.teachers",
     "ArwkvConfig": "arwkv.models.arwkv",
     "ArwkvForCausalLM": "arwkv.models.arwkv",

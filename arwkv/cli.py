@@ -346,214 +346,22 @@ def cmd_stage(args) -> int:
     return 0
 
 
-def _load_for_generation(spec: str, device: str):
-    import torch
-
-    from arwkv.train.distributed import resolve_device
-
-    dev = resolve_device(device)
-    path = Path(spec)
-    if (path / "config.json").is_file():
-        from transformers import AutoTokenizer
-
-        from arwkv.interop import load_any
-
-        # an arwkv student, a published rwkv_hybrid (ARWKV / RADLADS) checkpoint or any HF causal LM
-        model = load_any(path, dtype=torch.float32)
-        tok = None
-        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            tok = AutoTokenizer.from_pretrained(path)
-    else:
-        from arwkv.convert.teachers import load_teacher
-
-        model, tok = load_teacher(spec)
-    return model.to(dev).eval(), tok, dev
-
-
-class _IdStreamer:
-    """Streams token ids (models without a tokenizer)."""
-
-    def __init__(self) -> None:
-        self.first = True
-
-    def put(self, value) -> None:
-        if self.first:  # generate() hands the prompt first
-            self.first = False
-            return
-        print(" ".join(str(int(t)) for t in value.reshape(-1)), end=" ", flush=True)
-
-    def end(self) -> None:
-        print(flush=True)
-
-
-def _check_generation_args(args) -> None:
-    """Refuse nonsense sampling settings before a model is loaded."""
-    if args.max_new_tokens < 1:
-        raise ArwkvError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
-    if args.temperature < 0:
-        raise ArwkvError(f"--temperature must be ≥ 0 (0 = greedy; got {args.temperature})")
-    if args.top_k < 0:
-        raise ArwkvError(f"--top-k must be ≥ 0 (0 = no limit; got {args.top_k})")
-
-
-def _generate(model, tok, dev, input_ids, args, streamer):
-    import torch
-
-    torch.manual_seed(args.seed)
-    sample = args.temperature > 0
-    kwargs = dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=sample,
-        streamer=streamer,
-        pad_token_id=(tok.pad_token_id or tok.eos_token_id) if tok is not None else 0,
-    )
-    if sample:
-        kwargs.update(temperature=args.temperature, top_k=args.top_k or None)
-    ids = torch.tensor([input_ids], device=dev)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    return out[0, ids.shape[1] :].tolist()
-
-
 def cmd_generate(args) -> int:
-    _check_generation_args(args)
-    model, tok, dev = _load_for_generation(args.model, args.device)
-    if tok is None:
-        bos = model.config.bos_token_id if model.config.bos_token_id is not None else 1
-        try:
-            ids = [int(t) for t in args.prompt.split()] if args.prompt and args.prompt.strip() else [bos]
-        except ValueError:
-            raise ArwkvError(
-                'this model has no tokenizer: give the prompt as token ids, e.g. "1 403 12"'
-            ) from None
-        vocab = int(model.config.vocab_size)
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise ArwkvError(f"token ids {bad} are outside this model's vocabulary (0..{vocab - 1})")
-        _generate(model, tok, dev, ids, args, _IdStreamer())
-        return 0
-    from transformers import TextStreamer
+    from arwkv.recipes.generate import cli_generate
 
-    prompt = args.prompt or ""
-    ids = tok(prompt, add_special_tokens=True)["input_ids"] if prompt else []
-    if not ids:  # an empty prompt (or one the tokenizer reads as nothing): start from BOS
-        ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
-    print(prompt, end="", flush=True)
-    _generate(model, tok, dev, ids, args, TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
-    return 0
+    return cli_generate(args)
 
 
 def cmd_chat(args) -> int:
-    _check_generation_args(args)
-    model, tok, dev = _load_for_generation(args.model, args.device)
-    if tok is None or not getattr(tok, "chat_template", None):
-        raise ArwkvError(f"{args.model} has no tokenizer with a chat template; use `arwkv generate` instead")
-    from transformers import TextStreamer
+    from arwkv.recipes.generate import cli_chat
 
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("(empty line or Ctrl-D to quit)")
-    while True:
-        try:
-            text = input("you> ").strip()
-        except EOFError:
-            break
-        if not text:
-            break
-        messages.append({"role": "user", "content": text})
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        print("model> ", end="", flush=True)
-        reply = _generate(
-            model, tok, dev, ids, args, TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        )
-        messages.append({"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)})
-    return 0
+    return cli_chat(args)
 
 
 def cmd_eval(args) -> int:
-    import torch
+    from arwkv.recipes.eval import cli_eval
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
-        return _eval(args)
-
-
-def _check_eval_args(args) -> None:
-    """Refuse bad settings and unreadable inputs before any model is loaded."""
-    if args.fp64 and args.bf16:
-        raise ArwkvError("--fp64 and --bf16 exclude each other: pick one precision")
-    if args.limit is not None and args.limit < 1:
-        raise ArwkvError(
-            f"--limit must be at least 1 (got {args.limit}); leave it out to score every example"
-        )
-    for name in ("batch_size", "context_length", "swa_window"):
-        if getattr(args, name) < 1:
-            raise ArwkvError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if args.swa_sinks < 0:
-        raise ArwkvError(f"--swa-sinks must be ≥ 0 (got {args.swa_sinks})")
-    if args.text_file is not None:
-        path = Path(args.text_file)
-        if not path.is_file():
-            raise ArwkvError(f"--text-file {path}: no such file")
-        try:
-            path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ArwkvError(
-                f"--text-file {path} is not UTF-8 text (byte {e.start}); convert it first"
-            ) from None
-        except OSError as e:
-            raise ArwkvError(f"--text-file {path} cannot be read: {e.strerror}") from None
-
-
-def _eval(args) -> int:
-    import torch
-
-    from arwkv.eval.harness import DEFAULT_TASKS, run_eval
-
-    _check_eval_args(args)
-    names, specs = [], []
-    for item in args.models:
-        name, sep, spec = item.partition("=")
-        labelled = bool(sep) and ":" not in name and "/" not in name
-        names.append(name if labelled else None)
-        specs.append(spec if labelled else item)
-    tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks else DEFAULT_TASKS
-    if args.passkey:
-        from arwkv.eval.harness import run_long_context_eval
-
-        try:
-            lengths = tuple(int(n) for n in args.passkey.split(","))
-        except ValueError:
-            raise ArwkvError(f"--passkey takes comma-separated token counts, got {args.passkey!r}") from None
-        run_long_context_eval(
-            specs,
-            args.out,
-            names=names if all(names) else None,
-            lengths=lengths,
-            context_length=max(lengths),
-            max_windows=2,
-            swa_window=args.swa_window,
-            swa_sinks=args.swa_sinks,
-        )
-        print(f"long context: {Path(args.out) / 'long_context.md'}")
-    if tasks == ("none",):
-        return 0
-    run_eval(
-        specs,
-        tasks,
-        limit=args.limit,
-        out_dir=args.out,
-        names=names if all(names) else None,
-        reference=args.reference,
-        batch_size=args.batch_size,
-        swa_window=args.swa_window,
-        swa_sinks=args.swa_sinks,
-        text_file=args.text_file,
-        context_length=args.context_length,
-        dtype=torch.float64 if args.fp64 else torch.float32,
-    )
-    print(f"results: {Path(args.out) / 'eval.md'}")
-    return 0
+    return cli_eval(args)
 
 
 def cmd_demo(args) -> int:

@@ -4,10 +4,12 @@ speed-up, through the same `train()` loop and stage tasks that `arwkv convert` r
     python benchmarks/conversion_cost.py [--steps 6] [--warmup 2] [--quality-tokens 0] [--json F] [--md F]
 
 Variants (each on a freshly built copy-init student, same rows, same seed):
-- stage 1 `fp32` (today) and `bf16` (autocast; fp32 master weights and WKV state);
-- stage 2 `fp32` (today: online full-vocabulary teacher, everything trains), `bf16`, `freeze` (only the mixers
-  and norms train), `cache` (teacher top-k from a `TeacherCache` that was filled beforehand; the teacher does
-  not run), and `all` (bf16 + freeze + cache).
+- stage 1 `fp32-chunked` (the path when issue 11 was filed: fp32, the PyTorch chunked WKV kernel), `fp32` (the
+  default WKV kernel: native C++ on CPU) and `bf16` (autocast; fp32 master weights and WKV state);
+- stage 2 `fp32-chunked` (as filed: online full-vocabulary teacher, everything trains, chunked kernel), `fp32`
+  (default kernel), `bf16`, `freeze` (only the mixers and norms train), `cache` (teacher top-k from a
+  `TeacherCache` that was filled beforehand; the teacher does not run), and `all` (bf16 + freeze + cache).
+"× today" is relative to `fp32-chunked` when it ran, else to `fp32`.
 
 Rows: tinyshakespeare from ../shared/assets packed to --seq-len, batch --batch. Timing: wall time per
 optimizer step after --warmup steps, on --threads torch threads; run it with nothing else on the machine.
@@ -40,7 +42,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--quality-tokens", type=int, default=0)
-    ap.add_argument("--variants", default="fp32,bf16,freeze,cache,all")
+    ap.add_argument("--variants", default="fp32-chunked,fp32,bf16,freeze,cache,all")
     ap.add_argument("--student", default="", help="a trained student folder for the top-k fidelity check")
     ap.add_argument("--json", default="")
     ap.add_argument("--md", default="")
@@ -49,9 +51,9 @@ def main() -> None:
 
     from arwkv.config import StageConfig
     from arwkv.convert.build import build_student
-    from arwkv.convert.teachers import load_teacher
     from arwkv.data.packing import PackedLoader, build_corpus
     from arwkv.data.teacher_cache import TeacherCache, bytes_per_token
+    from arwkv.loading import load_model
     from arwkv.recipes.align import AlignTask
     from arwkv.recipes.distill import DistillTask
     from arwkv.train.forward import hidden_states
@@ -59,7 +61,7 @@ def main() -> None:
     from arwkv.train.losses import kl_per_token, teacher_topk, topk_kl_per_token
     from arwkv.train.params import param_groups
 
-    teacher, tok = load_teacher("smollm2-135m-instruct")
+    teacher, tok = load_model("smollm2-135m-instruct")
     teacher.eval().requires_grad_(False)
     corpus = build_corpus(ASSETS / "tinyshakespeare" / "input.txt", tok, args.seq_len, progress=False)
     train_rows, held_rows = corpus.split(8, seed=1)
@@ -67,9 +69,15 @@ def main() -> None:
     n_steps = args.warmup + args.steps
     tmp = Path(tempfile.mkdtemp(prefix="arwkv-cost-"))
 
-    def student_from(t):
+    def student_from(t, backend: str | None = None):
         torch.manual_seed(0)
-        return build_student(t, init="copy", untie_embeddings=True).float().train()
+        student = build_student(t, init="copy", untie_embeddings=True).float().train()
+        if backend is not None:  # the mixers read their kernel choice at every forward
+            student.config.wkv_backend = backend
+            for m in student.modules():
+                if hasattr(m, "backend"):
+                    m.backend = backend
+        return student
 
     def run(task, groups, stage_cfg, bf16, name, loader):
         times: list[float] = []
@@ -128,8 +136,11 @@ def main() -> None:
         print(rows_out[-1], flush=True)
 
     # ---------------------------------------------------------------- stage 1
-    for bf16 in (False, True):
-        student = student_from(teacher)
+    align_variants = [(False, "chunked", "fp32-chunked"), (False, None, "fp32"), (True, None, "bf16")]
+    for bf16, backend, label in align_variants:
+        if label not in variants and label != "fp32":
+            continue
+        student = student_from(teacher, backend)
         groups = param_groups(student, 1e-3, only=["mixers"])
         loader = PackedLoader(train_rows, args.batch, seed=0)
         tps = run(
@@ -137,10 +148,10 @@ def main() -> None:
             groups,
             stage_cfg(n_steps, loss="mse", lr=1e-3),
             bf16,
-            f"align-{bf16}",
+            f"align-{label}",
             loader,
         )
-        rows_out.append({"stage": "align", "variant": "bf16" if bf16 else "fp32", "tokens_per_s": tps})
+        rows_out.append({"stage": "align", "variant": label, "tokens_per_s": tps})
         print(rows_out[-1], flush=True)
         del student
 
@@ -166,6 +177,7 @@ def main() -> None:
         return cache_dirs[bf16]
 
     specs = {
+        "fp32-chunked": dict(bf16=False, freeze=[], cache=False, backend="chunked"),
         "fp32": dict(bf16=False, freeze=[], cache=False),
         "bf16": dict(bf16=True, freeze=[], cache=False),
         "freeze": dict(bf16=False, freeze=["embeddings", "mlp", "lm_head"], cache=False),
@@ -174,7 +186,7 @@ def main() -> None:
     }
     for name in variants:
         spec = specs[name]
-        student = student_from(teacher)
+        student = student_from(teacher, spec.get("backend"))
         groups = param_groups(student, 1e-4, 1e-3, freeze=spec["freeze"])
         cache = cache_for(spec["bf16"]) if spec["cache"] else None
         loader = PackedLoader(train_rows, args.batch, seed=0, with_row_ids=cache is not None)
@@ -185,7 +197,7 @@ def main() -> None:
         rec = {"stage": "distill", "variant": name, "tokens_per_s": tps}
         if args.quality_tokens > 0:
             steps = max(1, args.quality_tokens // (args.batch * args.seq_len))
-            q_student = student_from(teacher)
+            q_student = student_from(teacher, spec.get("backend"))
             groups = param_groups(q_student, 1e-4, 1e-3, freeze=spec["freeze"])
             q_loader = PackedLoader(train_rows, args.batch, seed=0, with_row_ids=cache is not None)
             q_task = DistillTask(q_student, teacher, cache=cache)
@@ -213,11 +225,7 @@ def main() -> None:
     b = PackedLoader(held_rows, 8, seed=0).__next__()
     with torch.no_grad():
         if args.student:
-            from transformers import AutoModelForCausalLM
-
-            import arwkv.models.arwkv  # noqa: F401
-
-            student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).eval()
+            student, _ = load_model(args.student)
         else:
             student = student_from(teacher)
         hs, head_s = hidden_states(student, b)
@@ -230,6 +238,7 @@ def main() -> None:
             fidelity[k] = {"topk_kl": approx, "full_kl": full, "rel_error": (full - approx) / full}
 
     base = {r["stage"]: r["tokens_per_s"] for r in rows_out if r["variant"] == "fp32"}
+    base.update({r["stage"]: r["tokens_per_s"] for r in rows_out if r["variant"] == "fp32-chunked"})
     for r in rows_out:
         r["speedup"] = r["tokens_per_s"] / base[r["stage"]]
     out = {
@@ -245,7 +254,8 @@ def main() -> None:
     }
     teacher_fp32 = base["teacher forward"]
     lines = [
-        "| stage | variant | tokens/s | × today (fp32) | cost in fp32 teacher forwards | held-out KL |",
+        "| stage | variant | tokens/s | × today (fp32, chunked kernel) | cost in fp32 teacher forwards | "
+        "held-out KL |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows_out:

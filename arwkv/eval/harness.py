@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
@@ -19,6 +18,7 @@ from arwkv.eval import report
 from arwkv.eval.loglik import loglikelihood
 from arwkv.eval.stats import aggregate
 from arwkv.eval.tasks import TASKS, get_task
+from arwkv.loading import load_model
 
 EXTRA_TASKS = ("wikitext", "kl")  # perplexity on a text file; teacher–student KL on held-out text
 DEFAULT_TASKS = (*TASKS, "wikitext")
@@ -37,30 +37,6 @@ def default_data_dir() -> Path:
 
 def default_text_file() -> Path:
     return default_data_dir().parent / "assets" / "wikitext2-raw-test" / "wiki.test.raw"
-
-
-def _load_plain(spec: str, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(spec).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        from arwkv.models.files import check_model_folder
-
-        check_model_folder(path)
-        try:
-            # Importing the models package registers ArwkvConfig/ArwkvForCausalLM with the Auto classes.
-            importlib.import_module("arwkv.models")
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
-            return model.eval(), AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError, KeyError, ImportError):
-            pass  # not loadable as a plain HF folder: the teacher loader knows more formats
-    try:
-        from arwkv.convert.teachers import load_teacher
-    except ImportError as e:
-        raise CheckpointError(
-            f"cannot load {spec!r}: not an HF model folder, and no teacher loader ({e})"
-        ) from e
-    return load_teacher(spec, dtype=dtype)
 
 
 def load_models(
@@ -83,7 +59,7 @@ def load_models(
     for name, spec in zip(names, specs, strict=True):
         base = spec[len(SWA_PREFIX) :] if spec.startswith(SWA_PREFIX) else spec
         if base not in cache:
-            cache[base] = _load_plain(base, dtype)
+            cache[base] = load_model(base, dtype=dtype)
         model, tok = cache[base]
         if tok is None:
             raise CheckpointError(

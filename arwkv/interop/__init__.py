@@ -4,7 +4,6 @@ from arwkv.interop.llamacpp import check_gguf, convert_to_gguf, export_for_llama
 from arwkv.interop.rwkv_hybrid import (
     export_problems,
     export_rwkv_hybrid,
-    load_any,
     load_rwkv_hybrid,
 )
 
@@ -15,6 +14,5 @@ __all__ = [
     "export_problems",
     "export_rwkv_hybrid",
     "llamacpp_problems",
-    "load_any",
     "load_rwkv_hybrid",
 ]

@@ -843,28 +843,3 @@ def _hybrid_tensors(student: ArwkvForCausalLM, layout: HybridLayout) -> dict[str
     if missing:
         raise CheckpointError(f"the student lacks tensors the format needs: {missing[:MAX_LISTED]}")
     return sd
-
-
-def load_any(
-    path: str | Path,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    wkv_backend: str = "auto",
-) -> torch.nn.Module:
-    """Load a checkpoint directory for generation: a published `rwkv_hybrid` one through `load_rwkv_hybrid`,
-    an arwkv student or any other transformers causal LM through `from_pretrained`."""
-    from arwkv.models.files import check_model_folder
-
-    check_model_folder(path)
-    cfg = read_config(path)
-    if cfg.get("model_type") == MODEL_TYPE:
-        return load_rwkv_hybrid(path, dtype=dtype, device=device, wkv_backend=wkv_backend)
-    if cfg.get("model_type") == "arwkv":
-        from arwkv.models.arwkv import ArwkvForCausalLM
-
-        model = ArwkvForCausalLM.from_pretrained(path, dtype=dtype, wkv_backend=wkv_backend)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(device).eval()

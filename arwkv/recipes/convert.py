@@ -57,7 +57,7 @@ def _say(env: DistEnv, msg: str) -> None:
 
 def load_teacher_model(path: str, dtype: str, device: torch.device, tokenizer_path: str | None = None):
     """(teacher in eval mode without gradients, tokenizer or None)."""
-    from arwkv.convert.teachers import load_teacher
+    from arwkv.loading import load_model
 
     if not path:
         raise ConfigError(
@@ -65,19 +65,12 @@ def load_teacher_model(path: str, dtype: str, device: torch.device, tokenizer_pa
         )
     if dtype not in DTYPES:
         raise ConfigError(f"teacher.dtype must be one of {', '.join(DTYPES)} (got {dtype})")
-    teacher, tokenizer = load_teacher(path, dtype=DTYPES[dtype])
-    if tokenizer_path:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot load the tokenizer {tokenizer_path}: {e}") from e
+    teacher, tokenizer = load_model(path, dtype=DTYPES[dtype], device=device, tokenizer=tokenizer_path)
     if tokenizer is not None:
         from arwkv.data.packing import check_tokenizer_vocab
 
         check_tokenizer_vocab(tokenizer, teacher)
-    teacher.to(device).eval().requires_grad_(False)
+    teacher.requires_grad_(False)
     return teacher, tokenizer
 
 
@@ -109,13 +102,9 @@ def load_student(
     checkpoint). Checkpoints need the teacher and recipe to rebuild the architecture first."""
     p = Path(path)
     if (p / "config.json").is_file():
-        from transformers import AutoModelForCausalLM
+        from arwkv.loading import load_model
 
-        import arwkv.models.arwkv  # noqa: F401  (registers the Auto classes)
-        from arwkv.models.files import check_model_folder
-
-        check_model_folder(p)
-        return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).train()
+        return load_model(p)[0].train()
     if (p / "checkpoints").is_dir():
         latest = ckpt.latest_intact_checkpoint(p / "checkpoints")
         if latest is None:

@@ -143,7 +143,7 @@ def resolve_source(spec: str | Path, overrides: list[str], check: bool) -> Sourc
 
 
 def _folder_source(path: Path) -> Source:
-    from arwkv.interop import load_any
+    from arwkv.loading import load_model
     from arwkv.models.arwkv import ArwkvForCausalLM
 
     if (path / "final" / "config.json").is_file():
@@ -155,7 +155,7 @@ def _folder_source(path: Path) -> Source:
                 "`arwkv convert` command; it resumes)"
             )
         raise CheckpointError(f"{path} holds no student: no config.json and no final/ folder")
-    model = load_any(path, dtype=torch.float32)
+    model, _ = load_model(path)
     if not isinstance(model, ArwkvForCausalLM):
         kind = getattr(model.config, "model_type", type(model).__name__)
         raise CheckpointError(
@@ -188,7 +188,8 @@ def _teacher_config(spec: str) -> tuple[Any, Path | None]:
     if path.is_dir() and (path / "config.json").is_file():
         tok = path if any((path / f).is_file() for f in TOKENIZER_MARKERS) else None
         return AutoConfig.from_pretrained(path), tok
-    from arwkv.convert.teachers import NAMED_TEACHERS, load_teacher
+    from arwkv.convert.teachers import NAMED_TEACHERS
+    from arwkv.loading import load_model
 
     hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     if not path.exists() and hub_id and spec.lower() not in NAMED_TEACHERS:
@@ -197,7 +198,7 @@ def _teacher_config(spec: str) -> tuple[Any, Path | None]:
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot read the config of teacher {spec!r} (offline?): {e}") from None
         return cfg, None  # a Hub model ships its tokenizer
-    teacher, tokenizer = load_teacher(spec)  # llama2.c / GGUF / named: small files, loaded whole
+    teacher, tokenizer = load_model(spec)  # llama2.c / GGUF / named: small files, loaded whole
     return teacher.config, (Path(str(tokenizer.name_or_path)) if tokenizer is not None else None)
 
 

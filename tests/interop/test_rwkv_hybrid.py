@@ -24,11 +24,11 @@ from arwkv.errors import CheckpointError  # noqa: E402
 from arwkv.interop.rwkv_hybrid import (  # noqa: E402
     export_problems,
     export_rwkv_hybrid,
-    load_any,
     load_rwkv_hybrid,
     read_state_dict,
     student_ranks,
 )
+from arwkv.loading import load_model  # noqa: E402
 from arwkv.models.arwkv import ArwkvConfig, ArwkvForCausalLM  # noqa: E402
 
 IDS = [3, 17, 5, 99, 42, 7, 0, 64]
@@ -86,7 +86,7 @@ def test_decoding_is_recurrent_and_matches_full_forward(tmp_path: Path, case: st
     cfg = hybrid_config(**CASES[case][0])
     sd = make_hybrid(cfg)
     write_hybrid(tmp_path, cfg, sd)
-    model = load_any(tmp_path, dtype=torch.float64)
+    model = load_model(tmp_path, dtype=torch.float64)[0]
     full = _logits(model, IDS)
     out = model(torch.tensor([IDS[:3]]), use_cache=True)
     cache, steps = out.cache, [out.logits[0]]
@@ -315,12 +315,12 @@ def test_missing_files(tmp_path: Path) -> None:
         load_rwkv_hybrid(tmp_path / "s")
 
 
-def test_load_any_dispatches(tmp_path: Path) -> None:
+def test_load_model_dispatches(tmp_path: Path) -> None:
     student = _student()
     student.save_pretrained(tmp_path / "student")
-    assert torch.equal(_logits(load_any(tmp_path / "student"), IDS), _logits(student, IDS))
+    assert torch.equal(_logits(load_model(tmp_path / "student")[0], IDS), _logits(student, IDS))
     export_rwkv_hybrid(student, tmp_path / "hybrid")
-    assert isinstance(load_any(tmp_path / "hybrid"), ArwkvForCausalLM)
+    assert isinstance(load_model(tmp_path / "hybrid")[0], ArwkvForCausalLM)
 
 
 def test_export_with_tokenizer(tmp_path: Path, shared: Path) -> None:
