@@ -4,6 +4,8 @@ The student's `modeling_arwkv.py` ships as remote code and may import only torch
 operator it needs is copied into it verbatim between `# <name>` ... `# </name>` markers:
 
 - `wkv7-chunked`: the chunked WKV kernel of `arwkv/ops/wkv7/chunked.py`;
+- `wkv7-dispatch`: the kernel choice (fla / native / decode step / chunked, chunk-size rule, fla adapter) of
+  `arwkv/ops/wkv7/dispatch.py`, which `arwkv.ops.wkv7.wkv7` runs too;
 - `wkv6-chunked`: the chunked RWKV-6 kernel and decode step of `arwkv/ops/wkv6/chunked.py`;
 - `local-attention`: the sink + sliding-window attention of `arwkv/ops/local_attention.py`.
 
@@ -21,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "arwkv/models/arwkv/modeling_arwkv.py"
 BLOCKS = {
     "wkv7-chunked": REPO / "arwkv/ops/wkv7/chunked.py",
+    "wkv7-dispatch": REPO / "arwkv/ops/wkv7/dispatch.py",
     "wkv6-chunked": REPO / "arwkv/ops/wkv6/chunked.py",
     "local-attention": REPO / "arwkv/ops/local_attention.py",
 }

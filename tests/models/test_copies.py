@@ -45,3 +45,27 @@ def test_inlined_wkv6_kernel_matches_ops():
     source = tool.extract(tool.BLOCKS["wkv6-chunked"], "wkv6-chunked")
     assert "def wkv6_chunked(" in source and "def wkv6_step(" in source
     assert source == tool.extract(tool.TARGET, "wkv6-chunked"), "run `python tools/check_copies.py --fix`"
+
+
+def test_inlined_wkv7_dispatch_matches_ops_and_a_one_character_edit_fails(tmp_path):
+    """The student chooses its WKV kernel with the dispatch `arwkv.ops.wkv7.wkv7` runs: one source."""
+    tool = load_tool()
+    source_path = tool.BLOCKS["wkv7-dispatch"]
+    source = tool.extract(source_path, "wkv7-dispatch")
+    assert "def wkv7_dispatch(" in source and "def wkv7_step(" in source and "def wkv7_fla_call(" in source
+    assert source == tool.extract(tool.TARGET, "wkv7-dispatch"), "run `python tools/check_copies.py --fix`"
+    edited = tmp_path / "dispatch.py"
+    text = source_path.read_text()
+    edited.write_text(text.replace('backend in ("native", "auto")', 'backend in ("native", "auto ")', 1))
+    assert edited.read_text() != text
+    assert not tool.check(edited, tool.TARGET, "wkv7-dispatch")
+
+
+def test_ops_and_student_call_the_same_dispatch():
+    import inspect
+
+    from arwkv.models.arwkv import modeling_arwkv
+    from arwkv.ops.wkv7 import wkv7
+
+    assert "wkv7_dispatch(" in inspect.getsource(wkv7)
+    assert "wkv7_dispatch(" in inspect.getsource(modeling_arwkv.wkv7)

@@ -8,7 +8,8 @@ from arwkv.errors import ArwkvError
 from arwkv.ops.checks import check_packing_and_state
 from arwkv.ops.wkv7.chunked import wkv7_chunked
 from arwkv.ops.wkv7.conventions import DECAY_LOG_MIN
-from arwkv.ops.wkv7.fla import fla_available, fla_problem, wkv7_fla
+from arwkv.ops.wkv7.dispatch import CHUNK_SIZE_DEFAULT, MAX_CHUNK_EXPONENT, wkv7_dispatch
+from arwkv.ops.wkv7.fla import fla_available, fla_problem, load_fla
 from arwkv.ops.wkv7.naive import wkv7_recurrent
 from arwkv.ops.wkv7.native import native_available, native_problem, wkv7_native
 
@@ -23,10 +24,6 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "recurrent", "chunked", "native", "fla")
-#: chunked backend's chunk size when none is given (fastest of 16/32/64 for N=64 on CPU: benchmarks/wkv.py)
-CHUNK_SIZE_DEFAULT = 16
-#: the chunked backend needs chunk_size * max(-w) <= this (its factors reach e^{±40} in fp32; README §3.3)
-MAX_CHUNK_EXPONENT = 40.0
 
 
 class Wkv7InputError(ArwkvError, ValueError):
@@ -75,46 +72,38 @@ def wkv7(
             f"w is the log-decay and must be <= 0 everywhere; got max {w_max} (convert with "
             "arwkv.ops.wkv7.conventions, e.g. d_to_logdecay for raw pre-sigmoid decays)"
         )
-    if backend == "auto":
-        if r.is_cuda:
-            backend = "fla" if fla_available() else "chunked"
-        else:
-            backend = "native" if native_available() else "chunked"
     args = (r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens)
     if backend == "recurrent":
         return wkv7_recurrent(*args)
-    if backend == "native":
-        if r.is_cuda:
-            raise Wkv7InputError("backend='native' is the CPU kernel; use backend='fla' or 'chunked' on CUDA")
-        if not native_available():
-            raise Wkv7InputError(f"backend='native': {native_problem()}; or use backend='chunked'")
-        return wkv7_native(*args)
+    return wkv7_dispatch(
+        *args,
+        backend=backend,
+        chunk_size=chunk_size,
+        fla_chunk_size=chunk_size,
+        find_fla=_find_fla,
+        find_native=_find_native,
+        safe_lower_bound=DECAY_LOG_MIN if w_min >= DECAY_LOG_MIN else None,
+        max_neg_logdecay=-w_min,
+        error=Wkv7InputError,
+    )
+
+
+def _find_fla(backend: str):
+    """fla's kernels when they load here; None under "auto" (the chunked kernel runs), an error for "fla"."""
+    if fla_available():
+        return load_fla()
     if backend == "fla":
-        if not r.is_cuda:
-            raise Wkv7InputError("backend='fla' needs CUDA tensors; use backend='chunked' on CPU")
-        if not fla_available():
-            raise Wkv7InputError(f"backend='fla': {fla_problem()}; or use backend='chunked'")
-        return wkv7_fla(
-            *args, chunk_size=chunk_size, safe_lower_bound=DECAY_LOG_MIN if w_min >= DECAY_LOG_MIN else None
-        )
-    return wkv7_chunked(*args, chunk_size=_chunk_size_for(chunk_size, -w_min))
+        raise Wkv7InputError(f"backend='fla': {fla_problem()}; or use backend='chunked'")
+    return None
 
 
-def _chunk_size_for(chunk_size: int | None, max_neg_logdecay: float) -> int:
-    """Requested chunk size when its factorized exponents fit fp32; else the biggest power of 2 that fits."""
-    C = CHUNK_SIZE_DEFAULT if chunk_size is None else chunk_size
-    if C * max_neg_logdecay <= MAX_CHUNK_EXPONENT:
-        return C
-    if chunk_size is not None or max_neg_logdecay > MAX_CHUNK_EXPONENT:
-        limit = int(MAX_CHUNK_EXPONENT // max_neg_logdecay)
-        raise Wkv7InputError(
-            f"log-decay down to {-max_neg_logdecay:.4g} is too strong for chunk_size={C}: the chunked "
-            f"backend needs chunk_size * max(-w) <= {MAX_CHUNK_EXPONENT:g} (the fp32 range of its factorized "
-            "exponents). "
-            + (f"Use chunk_size <= {limit}, " if limit >= 1 else "")
-            + "clamp the decay (RWKV-7 keeps w >= -0.6065), or use backend='native' or 'recurrent'."
-        )
-    return 1 << (int(MAX_CHUNK_EXPONENT // max_neg_logdecay).bit_length() - 1)
+def _find_native(backend: str):
+    """The C++ CPU kernel when it builds here; None under "auto", an error for "native"."""
+    if native_available():
+        return wkv7_native
+    if backend == "native":
+        raise Wkv7InputError(f"backend='native': {native_problem()}; or use backend='chunked'")
+    return None
 
 
 def _check_inputs(r, w, k, v, a, b, initial_state, cu_seqlens, backend, chunk_size) -> int:
