@@ -94,8 +94,10 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    """One training stage. Budgets are in tokens; `batch_size` is the global number of sequences per optimizer
-    step, split over processes and `grad_accum` micro-steps (so a recipe means the same on 1 or 8 GPUs)."""
+    """What every training stage has: budget, batch, optimizer, schedule, logging (the loop's settings).
+    Budgets are in tokens; `batch_size` is the global number of sequences per optimizer step, split over
+    processes and `grad_accum` micro-steps (so a recipe means the same on 1 or 8 GPUs). Each stage adds its
+    own keys (AlignConfig, DistillConfig, SFTConfig, DPOConfig); a key of another stage is refused by name."""
 
     enabled: bool = True
     tokens: int = 1_000_000
@@ -112,30 +114,46 @@ class StageConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     loss: Literal["mse", "l2", "kl", "ce"] = "kl"
-    kl_temperature: float = 1.0
-    ce_weight: float = 0.0  # stage 2: loss = KL + ce_weight * CE
-    chunk_size: int = 1024  # tokens per chunk for lm_head + KL/CE (bounds [tokens, vocab] memory)
-    # stage 2: > 0 reads the teacher's top-k (+ tail mass) from a disk cache filled once per row, ever;
-    # 0 = the full-vocabulary teacher online at every step
-    teacher_topk: int = 0
-    # parameter groups to freeze: any of FREEZABLE
-    freeze: list[str] = field(default_factory=list)
     eval_interval: int = 0  # steps between held-out evaluations; 0 = only before/after the stage
     ckpt_interval: int = 200  # steps between checkpoints (plus one at the end)
     log_interval: int = 10
     keep_checkpoints: int = 2
 
 
-def _align_defaults() -> StageConfig:
-    return StageConfig(loss="mse", lr=1e-3, tokens=1_000_000)
+@dataclass
+class AlignConfig(StageConfig):
+    """Stage 1: every mixer against the teacher's attention output at its layer (only the mixers train)."""
+
+    loss: Literal["mse", "l2"] = "mse"
 
 
-def _distill_defaults() -> StageConfig:
-    return StageConfig(loss="kl", lr=3e-4, tokens=3_000_000)
+@dataclass
+class DistillConfig(StageConfig):
+    """Stage 2: the whole student against the teacher's next-token distribution."""
+
+    tokens: int = 3_000_000
+    lr: float = 3e-4
+    loss: Literal["kl"] = "kl"
+    kl_temperature: float = 1.0
+    ce_weight: float = 0.0  # loss = KL + ce_weight * CE
+    chunk_size: int = 1024  # tokens per chunk for lm_head + KL/CE (bounds [tokens, vocab] memory)
+    # > 0 reads the teacher's top-k (+ tail mass) from a disk cache filled once per row, ever;
+    # 0 = the full-vocabulary teacher online at every step
+    teacher_topk: int = 0
+    freeze: list[str] = field(default_factory=list)  # parameter groups to freeze: any of FREEZABLE
 
 
-def _sft_defaults() -> StageConfig:
-    return StageConfig(enabled=False, loss="ce", lr=1e-4, tokens=500_000, warmup_steps=5)
+@dataclass
+class SFTConfig(StageConfig):
+    """Stage 3 by supervised fine-tuning (off by default): next-token CE on the completion tokens."""
+
+    enabled: bool = False
+    tokens: int = 500_000
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    loss: Literal["ce"] = "ce"
+    chunk_size: int = 1024  # tokens per chunk for lm_head + CE
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -175,6 +193,8 @@ class DPOConfig(StageConfig):
     min_lr: float = 1e-6
     warmup_steps: int = 5
     loss: Literal["dpo"] = "dpo"
+    chunk_size: int = 1024  # tokens per chunk for lm_head + log-probs
+    freeze: list[str] = field(default_factory=list)
     beta: float = 0.1
     # frozen reference: empty = the student as it enters the stage; or a saved student / checkpoint path
     reference: str = ""
@@ -228,9 +248,9 @@ class RecipeConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    align: StageConfig = field(default_factory=_align_defaults)
-    distill: StageConfig = field(default_factory=_distill_defaults)
-    sft: StageConfig = field(default_factory=_sft_defaults)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -345,6 +365,18 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str, known: list[str], where: str) -> ConfigError:
+    stage, _, leaf = key.partition(".")
+    if stage in STAGES and leaf and "." not in leaf:
+        owners = [
+            other
+            for other in STAGES
+            if other != stage and leaf in {f.name for f in dataclasses.fields(_hints(RecipeConfig)[other])}
+        ]
+        if owners:
+            return ConfigError(
+                f"{stage} has no {leaf!r}{where}: it does nothing in this stage (it is a key of "
+                f"{', '.join(owners)}); remove it or set {owners[0]}.{leaf}"
+            )
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return ConfigError(
@@ -438,7 +470,7 @@ def validate(cfg: RecipeConfig) -> None:
     for stage in STAGES:
         s: StageConfig = getattr(cfg, stage)
         for name in ("tokens", "seq_len", "batch_size", "grad_accum", "chunk_size", "ckpt_interval"):
-            if getattr(s, name) <= 0:
+            if hasattr(s, name) and getattr(s, name) <= 0:
                 raise ConfigError(f"{stage}.{name} must be > 0 (got {getattr(s, name)})")
         if s.lr <= 0 or s.min_lr < 0 or s.min_lr > s.lr:
             raise ConfigError(f"{stage}: need 0 ≤ min_lr ≤ lr and lr > 0 (lr={s.lr}, min_lr={s.min_lr})")
@@ -447,12 +479,12 @@ def validate(cfg: RecipeConfig) -> None:
         for name in ("warmup_steps", "max_steps", "clip", "weight_decay"):
             if getattr(s, name) < 0:
                 raise ConfigError(f"{stage}.{name} must be ≥ 0 (got {getattr(s, name)})")
-        if s.kl_temperature <= 0:
+        if getattr(s, "kl_temperature", 1.0) <= 0:
             raise ConfigError(
                 f"{stage}.kl_temperature must be > 0 (got {s.kl_temperature}): it divides the logits; "
                 "1 is the usual value"
             )
-        bad = set(s.freeze) - set(FREEZABLE)
+        bad = set(getattr(s, "freeze", ())) - set(FREEZABLE)
         if bad:
             raise ConfigError(
                 f"{stage}.freeze: unknown group(s) {sorted(bad)}; choose from {', '.join(FREEZABLE)}"

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from arwkv.config import StageConfig
+from arwkv.config import AlignConfig
 from arwkv.train.forward import Batch, decoder_layers, model_inputs
 from arwkv.train.loop import LoopResult, train
 from arwkv.train.losses import output_match_loss
@@ -168,7 +168,7 @@ class _MixerCall:
 
 
 def run_align(
-    student: nn.Module, teacher: nn.Module, data, cfg: StageConfig, run_dir, **loop_kwargs
+    student: nn.Module, teacher: nn.Module, data, cfg: AlignConfig, run_dir, **loop_kwargs
 ) -> LoopResult:
     """Train every mixer of `student` against `teacher` for `cfg.tokens`; only mixer parameters train."""
     groups = param_groups(student, cfg.lr, cfg.mixer_lr, only=["mixers"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from arwkv.config import StageConfig
+from arwkv.config import DistillConfig
 from arwkv.data.teacher_cache import TeacherCache
 from arwkv.train.forward import Batch, hidden_states
 from arwkv.train.loop import LoopResult, train
@@ -114,7 +114,7 @@ class DistillTask(nn.Module):
 
 
 def run_distill(
-    student: nn.Module, teacher: nn.Module, data, cfg: StageConfig, run_dir, **loop_kwargs
+    student: nn.Module, teacher: nn.Module, data, cfg: DistillConfig, run_dir, **loop_kwargs
 ) -> LoopResult:
     groups = param_groups(student, cfg.lr, cfg.mixer_lr, freeze=cfg.freeze)
     cache = loop_kwargs.pop("teacher_cache", None)

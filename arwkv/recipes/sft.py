@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from arwkv.config import StageConfig
+from arwkv.config import SFTConfig
 from arwkv.train.forward import Batch, hidden_states
 from arwkv.train.loop import LoopResult, train
 from arwkv.train.losses import ce_loss_from_hidden, shift_labels
@@ -36,7 +36,7 @@ class SFTTask(nn.Module):
         return total, count, {}
 
 
-def run_sft(student: nn.Module, data, cfg: StageConfig, run_dir, **loop_kwargs) -> LoopResult:
+def run_sft(student: nn.Module, data, cfg: SFTConfig, run_dir, **loop_kwargs) -> LoopResult:
     groups = param_groups(student, cfg.lr, cfg.mixer_lr, freeze=cfg.freeze)
     return train(
         SFTTask(student, cfg.chunk_size), data, cfg, run_dir, param_groups=groups, desc="sft", **loop_kwargs

@@ -132,3 +132,32 @@ def test_all_keys_are_settable():
         assert "." in key or hasattr(cfg, key)
     apply_overrides(cfg, {"eval.swa_window": "32"})
     assert cfg.eval.swa_window == 32
+
+
+@pytest.mark.parametrize(
+    "override, owner",
+    [
+        ("align.kl_temperature=2", "distill"),
+        ("align.ce_weight=0.5", "distill"),
+        ("align.chunk_size=512", "distill, sft, dpo"),
+        ("align.teacher_topk=64", "distill"),
+        ("sft.kl_temperature=2", "distill"),
+        ("sft.teacher_topk=64", "distill"),
+        ("dpo.ce_weight=1", "distill"),
+    ],
+)
+def test_a_key_of_another_stage_is_refused_by_name(override, owner, tmp_path):
+    """Each stage has only its own keys: a key that would do nothing there names the stage it belongs to."""
+    stage, leaf = override.split("=")[0].split(".")
+    with pytest.raises(ConfigError, match=rf"^{stage} has no '{leaf}' .*it is a key of {owner}\)"):
+        load_recipe("stories260k", [override])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({stage: {leaf: 1}}))
+    with pytest.raises(ConfigError, match=rf"^{stage} has no '{leaf}'"):
+        load_recipe(str(recipe))
+
+
+def test_each_stage_keeps_the_keys_it_uses():
+    cfg = load_recipe("stories260k", ["distill.kl_temperature=2", "sft.chunk_size=256", "dpo.chunk_size=128"])
+    assert (cfg.distill.kl_temperature, cfg.sft.chunk_size, cfg.dpo.chunk_size) == (2.0, 256, 128)
+    assert not hasattr(cfg.align, "kl_temperature") and not hasattr(cfg.sft, "teacher_topk")
