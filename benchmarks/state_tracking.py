@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from arwkv.eval import state_tracking as st
+from arwkv.experiments import state_tracking as st
 
 PHASES = ("transformer", "rwkv7", "distilled")
 # RWKV-7's size-based LoRA ranks have a floor of 32, which at d_model 64 makes each LoRA as large as an

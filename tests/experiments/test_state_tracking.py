@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from arwkv.eval import state_tracking as st
+from arwkv.experiments import state_tracking as st
 
 
 @pytest.mark.parametrize("name,order", [("S5", 120), ("A5", 60), ("S3", 6), ("Z4", 4), ("A4", 12)])
