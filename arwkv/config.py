@@ -364,6 +364,24 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+def _former_default(prefix: str, key: str, value: Any) -> bool:
+    """True for another stage's key at that stage's default (e.g. `align.kl_temperature: 1.0` in a config.yaml
+    saved before the stages had their own schemas): a no-op then and now, so a file may keep it."""
+    stage = prefix.rstrip(".")
+    if stage not in STAGES:
+        return False
+    for other in STAGES:
+        cls = _hints(RecipeConfig)[other]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if other != stage and key in fields:
+            default = getattr(cls(), key)
+            try:
+                return _coerce(value, _hints(cls)[key], key) == default
+            except ConfigError:
+                return False
+    return False
+
+
 def _unknown(key: str, known: list[str], where: str) -> ConfigError:
     stage, _, leaf = key.partition(".")
     if stage in STAGES and leaf and "." not in leaf:
@@ -393,6 +411,8 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "", where: str = "
     names = {f.name for f in dataclasses.fields(cls)}
     for k, v in data.items():
         if k not in names:
+            if _former_default(prefix, k, v):
+                continue  # written by a version where every stage had every key; it did nothing there
             raise _unknown(f"{prefix}{k}", _all_keys(RecipeConfig), where)
         tp = hints[k]
         if dataclasses.is_dataclass(tp):

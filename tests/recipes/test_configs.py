@@ -152,7 +152,7 @@ def test_a_key_of_another_stage_is_refused_by_name(override, owner, tmp_path):
     with pytest.raises(ConfigError, match=rf"^{stage} has no '{leaf}' .*it is a key of {owner}\)"):
         load_recipe("stories260k", [override])
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({stage: {leaf: 1}}))
+    recipe.write_text(yaml.safe_dump({stage: {leaf: yaml.safe_load(override.split("=")[1])}}))
     with pytest.raises(ConfigError, match=rf"^{stage} has no '{leaf}'"):
         load_recipe(str(recipe))
 
@@ -161,3 +161,21 @@ def test_each_stage_keeps_the_keys_it_uses():
     cfg = load_recipe("stories260k", ["distill.kl_temperature=2", "sft.chunk_size=256", "dpo.chunk_size=128"])
     assert (cfg.distill.kl_temperature, cfg.sft.chunk_size, cfg.dpo.chunk_size) == (2.0, 256, 128)
     assert not hasattr(cfg.align, "kl_temperature") and not hasattr(cfg.sft, "teacher_topk")
+
+
+def test_a_config_saved_before_the_per_stage_schemas_still_loads(tmp_path):
+    """Older config.yaml files list every key in every stage; the ones that did nothing, at their defaults,
+    are dropped (a non-default value is still refused by name, above)."""
+    from arwkv.config import config_text
+
+    old = yaml.safe_load(config_text(load_recipe("stories260k")))
+    old["align"].update(kl_temperature=1.0, ce_weight=0.0, chunk_size=1024, teacher_topk=0, freeze=[])
+    old["sft"].update(kl_temperature=1.0, teacher_topk=0, ce_weight=0.0)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    cfg = load_recipe(str(path))
+    assert cfg.align.loss == load_recipe("stories260k").align.loss and not hasattr(cfg.align, "chunk_size")
+    old["align"]["kl_temperature"] = 2.0
+    path.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="align has no 'kl_temperature'"):
+        load_recipe(str(path))
