@@ -242,7 +242,9 @@ class RecipeConfig:
     # several CPU cores far better as processes than as threads. Ignored under torchrun / accelerate launch.
     processes: int = 1
     device: str = "auto"  # auto = cuda when available
-    bf16: bool = False  # bf16 autocast (CPU and GPU); master weights stay fp32
+    # bf16 autocast (CPU and GPU; master weights and the WKV state stay fp32). auto = bf16 where the device
+    # multiplies bf16 natively (CUDA, CPUs with AVX512-BF16/AMX), fp32 elsewhere: emulated bf16 is ~7x slower
+    bf16: bool | Literal["auto"] = False
     grad_checkpointing: bool = False
     resume: bool = True  # continue a run found in out_dir
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -8,8 +8,14 @@ Variants (each on a freshly built copy-init student, same rows, same seed):
   default WKV kernel: native C++ on CPU) and `bf16` (autocast; fp32 master weights and WKV state);
 - stage 2 `fp32-chunked` (as filed: online full-vocabulary teacher, everything trains, chunked kernel), `fp32`
   (default kernel), `bf16`, `freeze` (only the mixers and norms train), `cache` (teacher top-k from a
-  `TeacherCache` that was filled beforehand; the teacher does not run), and `all` (bf16 + freeze + cache).
+  `TeacherCache` that was filled beforehand; the teacher does not run), `all` (bf16 + freeze + cache) and
+  `fast` (freeze + cache at the precision `bf16=auto` picks here: bf16 only where the CPU multiplies
+  bf16 natively; on a CPU without AVX512-BF16/AMX, emulated bf16 is several times slower than fp32).
 "× today" is relative to `fp32-chunked` when it ran, else to `fp32`.
+
+Process layout: launched as `torchrun --standalone --nproc-per-node=N benchmarks/conversion_cost.py --threads
+1 …`, every variant trains as N DDP processes (gradients all-reduced over gloo, as `arwkv convert processes=N`
+does) and the rates are the whole machine's (N × batch × seq_len per step); rank 0 writes the results.
 
 Rows: tinyshakespeare from ../shared/assets packed to --seq-len, batch --batch. Timing: wall time per
 optimizer step after --warmup steps, on --threads torch threads; run it with nothing else on the machine.
@@ -49,6 +55,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from arwkv.ops.precision import cpu_features, resolve_bf16
+    from arwkv.train.distributed import init_distributed
+
+    env = init_distributed("cpu")
+    world = env.world_size
+    fast_bf16, _ = resolve_bf16("auto", env.device)
+
+    def say(obj) -> None:
+        if env.is_main:
+            print(obj, flush=True)
+
     from arwkv.config import StageConfig
     from arwkv.convert.build import build_student
     from arwkv.data.packing import PackedLoader, build_corpus
@@ -67,7 +84,7 @@ def main() -> None:
     train_rows, held_rows = corpus.split(8, seed=1)
     held = held_rows.tensors()
     n_steps = args.warmup + args.steps
-    tmp = Path(tempfile.mkdtemp(prefix="arwkv-cost-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"arwkv-cost-{env.rank}-"))
 
     def student_from(t, backend: str | None = None):
         torch.manual_seed(0)
@@ -98,9 +115,10 @@ def main() -> None:
             resume=False,
             desc=name,
             on_step=on_step,
+            env=env,
         )
         per_step = float(np.mean(times[args.warmup :]))
-        return args.batch * args.seq_len / per_step
+        return world * args.batch * args.seq_len / per_step
 
     def stage_cfg(steps, **kw):
         return StageConfig(
@@ -129,11 +147,11 @@ def main() -> None:
                 head(hs)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
-        tps = args.batch * args.seq_len / float(np.mean(times))
+        tps = world * args.batch * args.seq_len / float(np.mean(times))
         rows_out.append(
             {"stage": "teacher forward", "variant": "bf16" if bf16 else "fp32", "tokens_per_s": tps}
         )
-        print(rows_out[-1], flush=True)
+        say(rows_out[-1])
 
     # ---------------------------------------------------------------- stage 1
     align_variants = [(False, "chunked", "fp32-chunked"), (False, None, "fp32"), (True, None, "bf16")]
@@ -152,7 +170,7 @@ def main() -> None:
             loader,
         )
         rows_out.append({"stage": "align", "variant": label, "tokens_per_s": tps})
-        print(rows_out[-1], flush=True)
+        say(rows_out[-1])
         del student
 
     # ---------------------------------------------------------------- stage 2
@@ -183,6 +201,7 @@ def main() -> None:
         "freeze": dict(bf16=False, freeze=["embeddings", "mlp", "lm_head"], cache=False),
         "cache": dict(bf16=False, freeze=[], cache=True),
         "all": dict(bf16=True, freeze=["embeddings", "mlp", "lm_head"], cache=True),
+        "fast": dict(bf16=fast_bf16, freeze=["embeddings", "mlp", "lm_head"], cache=True),
     }
     for name in variants:
         spec = specs[name]
@@ -218,7 +237,7 @@ def main() -> None:
             rec["heldout_kl"] = kl
             rec["quality_tokens"] = steps * args.batch * args.seq_len
         rows_out.append(rec)
-        print(rec, flush=True)
+        say(rec)
         del student, task
 
     # ---------------------------------------------------------------- top-k fidelity
@@ -243,6 +262,9 @@ def main() -> None:
         r["speedup"] = r["tokens_per_s"] / base[r["stage"]]
     out = {
         "machine": platform.processor() or platform.machine(),
+        "cpu_capability": cpu_features(),
+        "bf16_auto": "bf16" if fast_bf16 else "fp32",
+        "processes": world,
         "threads": args.threads,
         "batch": args.batch,
         "seq_len": args.seq_len,
@@ -268,6 +290,8 @@ def main() -> None:
     for k, f in fidelity.items():
         lines.append(f"| {k} | {f['topk_kl']:.4f} | {f['full_kl']:.4f} | {100 * f['rel_error']:.2f}% |")
     table = "\n".join(lines)
+    if not env.is_main:
+        return
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -18,6 +18,7 @@ Run layout:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -31,6 +32,7 @@ from torch import nn
 from arwkv.atomic import write_json, write_text
 from arwkv.config import STAGES, RecipeConfig, StageConfig, config_text, load_recipe, to_dict
 from arwkv.errors import CheckpointError, ConfigError, DataError
+from arwkv.ops.precision import resolve_bf16
 from arwkv.train import checkpoint as ckpt
 from arwkv.train.distributed import DistEnv, barrier, init_distributed
 from arwkv.train.loop import LoopResult, micro_batch_size
@@ -521,6 +523,11 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
     env = init_distributed(cfg.device, cfg.distributed.backend)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    # bf16=auto becomes what this device runs fast; the run records (and its caches are keyed by) the choice
+    bf16, precision_note = resolve_bf16(cfg.bf16, env.device)
+    cfg = dataclasses.replace(cfg, bf16=bf16)
+    if precision_note:
+        _say(env, precision_note)
     torch.manual_seed(cfg.seed)
     run_dir = cfg.run_dir
     stages = [s for s in (stages or STAGES) if stages or getattr(cfg, s).enabled]

@@ -10,7 +10,15 @@ from arwkv.errors import ArwkvError
 def cli_eval(args) -> int:
     import torch
 
+    from arwkv.ops.precision import bf16_is_fast, cpu_features
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.bf16 and not bf16_is_fast(torch.device(device)):
+        print(
+            f"[arwkv] warning: --bf16 on a device without native bf16 matmuls ({device}, {cpu_features()}): "
+            "PyTorch emulates bf16 there, several times slower than fp32; leave --bf16 out",
+            flush=True,
+        )
     with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
         return _eval(args)
 

@@ -217,6 +217,28 @@ def test_pipeline_api_without_cli(shared, tmp_path):
     assert list(result.summary["stages"]) == ["align"]
 
 
+def test_bf16_auto_runs_what_the_cpu_computes_fast(shared, tmp_path, monkeypatch, capsys):
+    """bf16=auto on a CPU without native bf16 trains in fp32, says so, and records the choice it made."""
+    from arwkv.ops import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: False)
+    cfg = load_recipe(
+        "stories260k",
+        [
+            _teacher(shared),
+            f"out_dir={tmp_path / 'auto'}",
+            *TINY,
+            "distill.enabled=false",
+            "align.max_steps=1",
+            "bf16=auto",
+        ],
+    )
+    result = convert_mod.run(cfg)
+    assert "bf16=auto: fp32" in capsys.readouterr().out
+    assert result.summary["config"]["bf16"] is False
+    assert load_recipe(result.run_dir / "config.yaml").bf16 is False
+
+
 def test_interrupt_error_is_an_arwkv_error():
     assert issubclass(TrainingInterrupted, Exception) and issubclass(DataError, Exception)
     assert sys.modules["arwkv.cli"]
