@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "run_recipe": "arwkv.recipes.convert",
-    "load_student": "arwkv.recipes.convert",
+    "load_student": "arwkv.recipes.students",
     "load_recipe": "arwkv.config",
     "RecipeConfig": "arwkv.config",
     "StageConfig": "arwkv.config",

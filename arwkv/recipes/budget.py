@@ -21,8 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from arwkv.atomic import write_json
+from arwkv.config import RecipeConfig, StageConfig
 from arwkv.errors import ConfigError
+from arwkv.recipes.run_data import RunData, open_teacher_cache
+from arwkv.train import checkpoint as ckpt
+from arwkv.train.distributed import DistEnv, barrier
+from arwkv.train.loop import micro_batch_size
 
 PLAN_FILE = "budget.json"
 
@@ -90,3 +97,81 @@ def measure_rate(step: Callable[[], int], repeats: int = 2) -> float:
     for _ in range(max(1, repeats - 1)):
         n += step()
     return n / max(time.perf_counter() - t0, 1e-9)
+
+
+def _apply_budget(cfg, stages, summary, student, teacher, distill_teacher, data, env: DistEnv) -> None:
+    """Set each stage's `tokens` from `budget.minutes` (plan measured once, kept in budget.json)."""
+    from arwkv.recipes.convert import _say
+
+    finished = {s for s in stages if summary["stages"].get(s, {}).get("done")}
+    shares = stage_shares(stages, cfg.budget.align_share, cfg.budget.sft_share)
+    if env.is_main:
+        measure = lambda s: _stage_rate(s, student, teacher, distill_teacher, data, cfg, env)  # noqa: E731
+        plan = plan_tokens(cfg.run_dir, cfg.budget.minutes, stages, shares, measure, finished)
+    barrier()
+    if not env.is_main:
+        plan = {**json.loads((cfg.run_dir / PLAN_FILE).read_text()), "reopened": []}
+        plan["reopened"] = [s for s in stages if s in finished and not _stage_complete(cfg, s, plan)]
+    for s, n in plan["tokens"].items():
+        getattr(cfg, s).tokens = int(n)
+    for s in plan["reopened"]:
+        summary["stages"][s]["done"] = False  # resumes from its checkpoint with the longer budget
+    summary["budget"] = {k: v for k, v in plan.items() if k != "reopened"}
+    _say(
+        env,
+        f"budget {cfg.budget.minutes:g} min: "
+        + ", ".join(f"{s} {plan['tokens'][s]:,} tokens at {plan['rates'][s]:.0f} tok/s" for s in stages)
+        + (f" (extended: {', '.join(plan['reopened'])} continues)" if plan["reopened"] else ""),
+    )
+
+
+def _stage_complete(cfg: RecipeConfig, stage: str, plan: dict) -> bool:
+    """A finished stage whose last checkpoint already holds the planned tokens."""
+    last = ckpt.latest_intact_checkpoint(cfg.run_dir / stage / "checkpoints", warn=False)
+    if last is None:
+        return False
+    state = json.loads((last / "trainer_state.json").read_text())
+    return int(state.get("tokens", 0)) >= int(plan["tokens"][stage])
+
+
+def _stage_rate(name: str, student, teacher, distill_teacher, data: RunData, cfg: RecipeConfig, env) -> float:
+    """Tokens/s of one stage's forward + backward on its own rows (two micro-batches; gradients dropped)."""
+    from arwkv.data.packing import PackedLoader
+    from arwkv.recipes.align import AlignTask
+    from arwkv.recipes.convert import _say
+    from arwkv.recipes.distill import DistillTask
+    from arwkv.recipes.sft import SFTTask
+    from arwkv.train.params import param_groups
+
+    scfg: StageConfig = getattr(cfg, name)
+    rows = data.rows(name, scfg.seq_len)
+    cached = name == "distill" and scfg.teacher_topk > 0
+    # another seed than training, so the rows the probe puts into the teacher cache are a random few
+    loader = PackedLoader(
+        rows, micro_batch_size(scfg, env.world_size), seed=cfg.seed + 7919, with_row_ids=cached
+    )
+    if name == "align":
+        param_groups(student, scfg.lr, only=["mixers"])
+        task = AlignTask(student, teacher, loss=scfg.loss)
+    elif name == "distill":
+        param_groups(student, scfg.lr, freeze=scfg.freeze)
+        cache = open_teacher_cache(cfg, distill_teacher, data.tokenizer, rows, env.rank) if cached else None
+        task = DistillTask(student, distill_teacher, scfg.kl_temperature, scfg.ce_weight, cache=cache)
+    else:
+        param_groups(student, scfg.lr, freeze=scfg.freeze)
+        task = SFTTask(student, scfg.chunk_size)
+
+    def step() -> int:
+        batch = {k: v.to(env.device) for k, v in next(loader).items()}
+        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, _, _ = task(batch)
+        loss.float().backward()
+        student.zero_grad(set_to_none=True)
+        return int(batch["input_ids"].numel())
+
+    _say(env, f"budget: measuring {name} throughput")
+    rng = ckpt.rng_state()
+    try:
+        return measure_rate(step) * env.world_size  # processes run side by side
+    finally:
+        ckpt.set_rng_state(rng)  # the probe must not shift the training run's randomness

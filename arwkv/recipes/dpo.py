@@ -171,7 +171,7 @@ def prepare_pairs(cfg, teacher, student, tokenizer, env) -> tuple[PreferenceSet,
     then read by every process)."""
     from arwkv.data.packing import teacher_vocab_size
     from arwkv.data.preferences import data_free_preferences, load_preferences
-    from arwkv.recipes.convert import _cache_dir, _pad_id
+    from arwkv.recipes.run_data import _cache_dir, _pad_id
     from arwkv.train.distributed import barrier
 
     d = cfg.dpo
@@ -214,7 +214,8 @@ def run_dpo_stage(cfg, student, teacher, tokenizer, stage_dir: Path, **kw: Any) 
     """`arwkv dpo` / the recipe's `dpo:` stage inside `arwkv.recipes.convert.run` (`kw`: the loop's
     arguments, `env` among them)."""
     from arwkv.data.packing import PackedLoader
-    from arwkv.recipes.convert import _say, load_student
+    from arwkv.recipes.convert import _say
+    from arwkv.recipes.students import load_student
     from arwkv.train.loop import micro_batch_size
 
     d: DPOConfig = cfg.dpo

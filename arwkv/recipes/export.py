@@ -169,7 +169,7 @@ def _recipe_source(cfg: Any, label: str) -> Source:
     """The recipe's student built on the meta device from the teacher's config: its layout, no weights."""
     from transformers import AutoModelForCausalLM
 
-    from arwkv.recipes.convert import build_student_for
+    from arwkv.recipes.students import build_student_for
 
     teacher_config, tok = _teacher_config(cfg.teacher.path)
     if cfg.teacher.tokenizer:

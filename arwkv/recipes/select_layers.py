@@ -143,7 +143,8 @@ def select_layers(cfg, teacher: nn.Module, data, env, k: int) -> dict[str, Any]:
     from arwkv.data.packing import PackedLoader
     from arwkv.data.teacher_corpus import teacher_fingerprint
     from arwkv.recipes.align import run_align
-    from arwkv.recipes.convert import _say, build_student_for
+    from arwkv.recipes.convert import _say
+    from arwkv.recipes.students import build_student_for
     from arwkv.train.distributed import barrier
     from arwkv.train.loop import micro_batch_size
 
@@ -267,13 +268,15 @@ def write_ranking(out_dir: Path, record: dict[str, Any]) -> None:
 def run_selection(cfg, k: int | None = None) -> dict[str, Any]:
     """`arwkv select-layers`: the ranking for this recipe (in `<out_dir>/select_layers/`) and its K layers;
     K defaults to the recipe's `student.softmax_layers: auto:K`."""
-    from arwkv.recipes.convert import _is_main, _lock_run_dir, load_teacher_model, prepare_data
+    from arwkv.recipes.run_data import _is_main, prepare_data
+    from arwkv.recipes.students import load_teacher_model
     from arwkv.train.distributed import init_distributed
+    from arwkv.train.run_state import lock_run_dir
 
     k = k if k is not None else auto_k(cfg.student.softmax_layers)
     if k is None:
         raise ConfigError("give the softmax budget: --k K (or student.softmax_layers=auto:K in the recipe)")
-    lock = _lock_run_dir(cfg.run_dir) if _is_main() else None
+    lock = lock_run_dir(cfg.run_dir) if _is_main() else None
     try:
         env = init_distributed(cfg.device, cfg.distributed.backend)
         if cfg.threads > 0:
