@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fp64",
         action="store_true",
-        help="score in float64 (~3x slower): log-likelihoods that do not move with --batch-size or with "
-        "which examples share a batch (fp32 ones can, by up to ~1e-2 nats for an undertrained student)",
+        help="score in float64 (~3x slower): log-likelihoods independent of the batch on any BLAS (fp32 "
+        "batches are padded so that they match too where the BLAS allows; see lm_eval_tasks/README.md)",
     )
     p.set_defaults(func=cmd_eval)
 
