@@ -101,7 +101,10 @@ def test_dpo_loss_and_gradients_equal_hand_computation():
     assert got.keys() == {k for k, p in student.named_parameters() if p.grad is not None}
     for k, p in student.named_parameters():
         if p.grad is not None:
-            torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+            # fp32 sums over a padded batch and over single rows round differently (by shape and CPU):
+            # ~1e-5 absolute on gradients of size ~10 here, so the floor scales with the gradient
+            atol = 1e-5 * p.grad.abs().max().item()
+            torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=atol, msg=k)
 
 
 def test_padding_and_prompt_tokens_do_not_count():
