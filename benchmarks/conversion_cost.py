@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -84,7 +85,10 @@ def main() -> None:
     train_rows, held_rows = corpus.split(8, seed=1)
     held = held_rows.tensors()
     n_steps = args.warmup + args.steps
-    tmp = Path(tempfile.mkdtemp(prefix=f"arwkv-cost-{env.rank}-"))
+    # one folder for all ranks (DDP checkpoints are written by every rank into the same run folder)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID") or str(os.getpid())
+    tmp = Path(tempfile.gettempdir()) / f"arwkv-cost-{run_id}"
+    tmp.mkdir(parents=True, exist_ok=True)
 
     def student_from(t, backend: str | None = None):
         torch.manual_seed(0)
@@ -179,7 +183,7 @@ def main() -> None:
     def cache_for(bf16: bool) -> TeacherCache:
         if bf16 not in cache_dirs:
             c = TeacherCache.open(
-                tmp / f"cache-{bf16}",
+                tmp / f"cache-{bf16}-rank{env.rank}",
                 {"bench": True, "bf16": bf16},
                 num_rows=train_rows.num_base_rows,
                 seq_len=args.seq_len,
