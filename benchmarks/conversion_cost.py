@@ -72,11 +72,11 @@ def main() -> None:
     from arwkv.data.packing import PackedLoader, build_corpus
     from arwkv.data.teacher_cache import TeacherCache, bytes_per_token
     from arwkv.loading import load_model
+    from arwkv.ops.divergence import kl_per_token, teacher_topk, topk_kl_per_token
     from arwkv.recipes.align import AlignTask
     from arwkv.recipes.distill import DistillTask
     from arwkv.train.forward import hidden_states
     from arwkv.train.loop import train
-    from arwkv.train.losses import kl_per_token, teacher_topk, topk_kl_per_token
     from arwkv.train.params import param_groups
 
     teacher, tok = load_model("smollm2-135m-instruct")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from arwkv.errors import DataError
 from arwkv.eval.loglik import _device, prefix_token_id
 from arwkv.eval.stats import mean_stderr
+from arwkv.ops.divergence import kl_from_log_probs, shared_log_probs
 
 
 @dataclass
@@ -165,9 +166,8 @@ def teacher_student_kl(
         lt, ls = _logits(teacher, ids, mask), _logits(student, ids, mask)
         for b, w in enumerate(chunk):
             pos = torch.arange(w.first, w.first + len(w.targets))
-            logp_t = lt[b, pos].float().log_softmax(-1)
-            logp_s = ls[b, pos].float().log_softmax(-1).to(logp_t.device)
-            kls.append((logp_t.exp() * (logp_t - logp_s)).sum(-1).cpu())
+            logp_s, logp_t = shared_log_probs(ls[b, pos].to(lt.device), lt[b, pos])
+            kls.append(kl_from_log_probs(logp_s, logp_t).cpu())
             agree.append((logp_t.argmax(-1) == logp_s.argmax(-1)).cpu())
             confident.append((logp_t.max(-1).values.exp() >= threshold).cpu())
         bar.update(len(chunk))

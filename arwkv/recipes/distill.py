@@ -18,9 +18,10 @@ from torch import Tensor, nn
 
 from arwkv.config import DistillConfig
 from arwkv.data.teacher_cache import TeacherCache
+from arwkv.ops.divergence import TeacherTopK, teacher_topk
 from arwkv.train.forward import Batch, hidden_states
 from arwkv.train.loop import LoopResult, train
-from arwkv.train.losses import TeacherTopK, kl_loss_from_hidden, shift_labels, teacher_topk
+from arwkv.train.losses import kl_loss_from_hidden, shift_labels
 from arwkv.train.params import param_groups
 
 

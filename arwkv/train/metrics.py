@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arwkv.ops.divergence import kl_from_log_probs, shared_log_probs
 from arwkv.train.forward import Batch, base_and_head, hidden_states
 from arwkv.train.losses import shift_labels
 
@@ -66,19 +67,16 @@ def heldout_metrics(
         for i in range(0, idx.numel(), chunk_size):
             j = idx[i : i + chunk_size]
             y = y_all[j]
-            log_ps = F.log_softmax(head_s(h_s[j]).float(), -1)
+            z_s = head_s(h_s[j])
             if teacher is None:
-                sums["nll"] += -log_ps.gather(1, y[:, None]).sum().item()
+                sums["nll"] += -F.log_softmax(z_s.float(), -1).gather(1, y[:, None]).sum().item()
                 continue
-            log_pt = F.log_softmax(head_t(h_t[j]).float(), -1)
-            v = min(log_ps.shape[-1], log_pt.shape[-1])
-            # truncating a padded vocabulary: renormalise over the shared ids
-            log_ps, log_pt = log_ps[:, :v].log_softmax(-1), log_pt[:, :v].log_softmax(-1)
-            y = y.clamp_max(v - 1)
+            log_ps, log_pt = shared_log_probs(z_s, head_t(h_t[j]))
+            y = y.clamp_max(log_ps.shape[-1] - 1)
             pt = log_pt.exp()
             sums["nll"] += -log_ps.gather(1, y[:, None]).sum().item()
             sums["teacher_nll"] += -log_pt.gather(1, y[:, None]).sum().item()
-            sums["kl"] += (pt * (log_pt - log_ps)).sum().item()
+            sums["kl"] += kl_from_log_probs(log_ps, log_pt).sum().item()
             agree = log_ps.argmax(-1) == log_pt.argmax(-1)
             conf = pt.max(-1).values >= confident_p
             sums["top1"] += agree.sum().item()

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from arwkv.ops.divergence import kl_per_token
 from arwkv.train.losses import (
     ce_loss_from_hidden,
     kl_loss,
     kl_loss_from_hidden,
-    kl_per_token,
     masked_ce,
     output_match_loss,
     shift_labels,

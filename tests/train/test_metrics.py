@@ -60,3 +60,19 @@ def test_sliding_window_baseline_is_exact_inside_the_window():
         SinkWindowBaseline(teacher, window=2, sinks=1), teacher, iter_batches(_held(), 4)
     )
     assert narrow["kl"] > 1e-4
+
+
+def test_heldout_kl_is_the_one_kl():
+    """The held-out KL is arwkv.ops.divergence's KL (the one training and `arwkv eval` use), averaged over the
+    counted positions."""
+    from arwkv.ops.divergence import kl_per_token
+
+    teacher, student = real_pair()
+    held = _held()
+    m = heldout_metrics(student, teacher, iter_batches(held, 4))
+    with torch.no_grad():
+        kl = kl_per_token(
+            student(held["input_ids"]).logits[:, :-1], teacher(held["input_ids"]).logits[:, :-1]
+        )
+    counted = held["attention_mask"][:, 1:].bool()
+    assert m["kl"] == pytest.approx(kl[counted].mean().item(), rel=1e-5)

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from arwkv.train.losses import (
-    TeacherTopK,
-    kl_loss_from_hidden,
-    kl_per_token,
-    teacher_topk,
-    topk_kl_per_token,
-)
+from arwkv.ops.divergence import TeacherTopK, kl_per_token, teacher_topk, topk_kl_per_token
+from arwkv.train.losses import kl_loss_from_hidden
 
 
 def test_all_of_the_vocabulary_is_the_full_kl_with_its_gradient():
