@@ -68,6 +68,14 @@ def _load_folder(path: Path, dtype: torch.dtype | None, wkv_backend: str) -> nn.
         raise CheckpointError(f"could not load the model in {path} with transformers: {e}") from e
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a tokenizer's batches: its pad token, else its end-of-sequence token, else 0 (no
+    tokenizer, or one with neither). Padded positions are masked; the rule only has to be one rule."""
+    if tokenizer is None:
+        return 0
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
 def _tokenizer(path: Path, error: type[Exception] = CheckpointError):
     from transformers import AutoTokenizer
 

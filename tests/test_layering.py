@@ -5,9 +5,9 @@
 
 A module may import its own subpackage and any lower floor, never a floor at or above its own (so `train`
 cannot import the recipe schema in `config`, and `data`, `train`, `eval` stay independent of each other).
-Nothing but the CLI imports `recipes`. Imports inside functions count as much as those at the top. The root
-`arwkv/__init__.py` is the public facade: it reaches the top floor lazily, by name, and is exempt; from it, a
-module may take only `__version__`.
+Nothing but the CLI imports `recipes`; no module takes another module's private `_name`. Imports inside
+functions count as much as those at the top. The root `arwkv/__init__.py` is the public facade: it reaches the
+top floor lazily, by name, and is exempt; from it, a module may take only `__version__`.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def floor(module: str) -> str:
 
 
 def violations(root: Path) -> list[str]:
-    """One line per import that goes sideways or up, or into recipes from outside the CLI."""
+    """One line per import that goes sideways or up, into recipes from outside the CLI, or takes another
+    module's private (`_name`) helper."""
     bad = []
     for imp in package_imports(root):
         if imp.importer in EXEMPT:
@@ -102,6 +103,9 @@ def violations(root: Path) -> list[str]:
             if not imp.names or set(imp.names) - FROM_THE_FACADE:
                 bad.append(f"{imp.where()}: take only {sorted(FROM_THE_FACADE)} from the facade")
             continue
+        private = [n for n in imp.names if n.startswith("_") and not n.startswith("__")]
+        if private and imp.imported != imp.importer:
+            bad.append(f"{imp.where()}: takes private {private}; make it public where it is defined")
         src, dst = floor(imp.importer), floor(imp.imported)
         if src == dst:
             continue
@@ -160,3 +164,8 @@ def test_only_the_cli_imports_recipes(tmp_path: Path) -> None:
 def test_the_facade_gives_only_the_version(tmp_path: Path) -> None:
     (found,) = _new_violations(tmp_path, "eval/stats.py", "from arwkv import run_recipe")
     assert "take only ['__version__'] from the facade" in found
+
+
+def test_another_modules_private_helper_is_caught(tmp_path: Path) -> None:
+    (found,) = _new_violations(tmp_path, "eval/stats.py", "from arwkv.eval.loglik import _hidden_helper")
+    assert "arwkv.eval.stats" in found and "private ['_hidden_helper']" in found

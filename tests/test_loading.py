@@ -11,7 +11,7 @@ import torch
 from arwkv.convert import build_student
 from arwkv.convert.families import tiny_teacher
 from arwkv.errors import CheckpointError
-from arwkv.loading import load_model
+from arwkv.loading import load_model, pad_token_id
 from arwkv.models import ArwkvForCausalLM
 
 IDS = torch.tensor([[3, 17, 5, 9, 42, 7]])
@@ -66,3 +66,20 @@ def test_no_other_module_loads_models_itself() -> None:
                 if name.endswith("ForCausalLM"):
                     found.add(path.relative_to(package).as_posix())
     assert found <= allowed, sorted(found - allowed)
+
+
+def test_one_pad_rule_and_every_batching_site_uses_it() -> None:
+    """pad token, else end of sequence, else 0 — and no module of the package spells the rule out again."""
+    from types import SimpleNamespace as Tok
+
+    assert pad_token_id(Tok(pad_token_id=0, eos_token_id=2)) == 0  # a pad id of 0 is a pad id, not "unset"
+    assert pad_token_id(Tok(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_token_id(Tok(pad_token_id=None, eos_token_id=None)) == 0
+    assert pad_token_id(None) == 0
+    package = Path(__file__).resolve().parents[1] / "arwkv"
+    again = [
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if p.name != "loading.py" and "pad_token_id is not None" in p.read_text()
+    ]
+    assert again == []

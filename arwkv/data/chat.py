@@ -66,11 +66,13 @@ def render_chat(
         return list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
     if method != "search":
         raise DataError(f"chat mask method must be 'auto', 'generation' or 'search', not {method!r}")
-    text = _render(tokenizer, messages, **template_kwargs)
+    text = render_template(tokenizer, messages, **template_kwargs)
     return _tokenize_with_spans(tokenizer, text, _assistant_spans(tokenizer, messages, text, template_kwargs))
 
 
-def _render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **kw: Any) -> str:
+def render_template(
+    tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **kw: Any
+) -> str:
     try:
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kw
@@ -85,8 +87,8 @@ def _generation_prompt(tokenizer, history: list[dict[str, Any]], kw: dict[str, A
     if not history:
         return ""
     try:
-        plain = _render(tokenizer, history, **kw)
-        asked = _render(tokenizer, history, add_generation_prompt=True, **kw)
+        plain = render_template(tokenizer, history, **kw)
+        asked = render_template(tokenizer, history, add_generation_prompt=True, **kw)
     except DataError:
         return ""
     return asked[len(plain) :] if asked.startswith(plain) else ""
@@ -116,7 +118,7 @@ def _assistant_spans(
         if g >= 0:
             start = g + len(gen)
         end = j + len(body)
-        alone = _render(tokenizer, messages[: i + 1], **kw)  # the template's end-of-turn text
+        alone = render_template(tokenizer, messages[: i + 1], **kw)  # the template's end-of-turn text
         k = alone.rfind(body)
         eot = alone[k + len(body) :].rstrip() if k >= 0 else ""
         if eot and text.startswith(eot, end):

@@ -46,6 +46,7 @@ from arwkv.atomic import write_folder
 from arwkv.data.chat import Method, render_chat
 from arwkv.data.sources import Document, TextSplit, iter_documents, resolve_sources, sources_fingerprint
 from arwkv.errors import DataError
+from arwkv.loading import pad_token_id
 
 ATTN, LOSS, START = 1, 2, 4
 FORMAT_VERSION = 1
@@ -519,7 +520,7 @@ def build_corpus(
     key = hashlib.sha256(
         json.dumps([sources_fingerprint(paths), tokenizer_fingerprint(tokenizer), repr(settings)]).encode()
     ).hexdigest()
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = pad_token_id(tokenizer)
     raw = iter_documents(paths, text_split=text_split, text_field=text_field, split=split)
     docs = tokenize_documents(
         raw, tokenizer, add_eos=add_eos, chat_method=chat_method, template_kwargs=template_kwargs

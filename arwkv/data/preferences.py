@@ -199,10 +199,10 @@ def _render_reply(tokenizer, history: list[dict[str, Any]], reply: str) -> list[
     prompt), the completion = what the template writes for the reply after it (end of turn included, trailing
     whitespace dropped). Templates that render the history differently once a reply follows fall back to the
     located assistant span of `render_chat`."""
-    from arwkv.data.chat import _render, render_chat
+    from arwkv.data.chat import render_chat, render_template
 
-    asked = _render(tokenizer, history, add_generation_prompt=True)
-    full = _render(tokenizer, [*history, {"role": "assistant", "content": reply}])
+    asked = render_template(tokenizer, history, add_generation_prompt=True)
+    full = render_template(tokenizer, [*history, {"role": "assistant", "content": reply}])
     if full.startswith(asked) and full[len(asked) :].strip():
         enc = lambda t: list(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
         return [enc(asked), enc(full[len(asked) :].rstrip())]
@@ -355,7 +355,7 @@ def _cut(reply: list[int], eos_ids: list[int]) -> list[int]:
 
 
 def _make_split(teacher, student, tokenizer, n: int, seed: int, s: dict[str, Any], bar) -> tuple[list, int]:
-    from arwkv.data.teacher_corpus import _chat_prompts, sample_sequences
+    from arwkv.data.teacher_corpus import chat_prompts, sample_sequences
 
     device = next(teacher.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -370,7 +370,7 @@ def _make_split(teacher, student, tokenizer, n: int, seed: int, s: dict[str, Any
             lengths = rng.integers(s["prompt_min"], s["prompt_max"] + 1, size=b)
             prompts = [prefix[i, : 1 + int(lengths[i])].tolist() for i in range(b)]
         else:
-            prompts = _chat_prompts(tokenizer, b, rng, s["prompts"], {})
+            prompts = chat_prompts(tokenizer, b, rng, s["prompts"], {})
         p = max(len(x) for x in prompts)
         full, lens = sample_sequences(
             teacher,

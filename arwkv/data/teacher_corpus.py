@@ -244,7 +244,7 @@ def _draw(logits: Tensor, temperature: float, top_k: int, generator: torch.Gener
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def _chat_prompts(
+def chat_prompts(
     tokenizer, n: int, rng: np.random.Generator, prompts: list[str], template_kwargs: dict[str, Any]
 ) -> list[list[int]]:
     out = []
@@ -270,7 +270,7 @@ def _sample_split(
         if mode == "bos":
             prompts = [[bos]] * b
         else:
-            prompts = _chat_prompts(tokenizer, b, rng, settings["prompts"], settings["template_kwargs"])
+            prompts = chat_prompts(tokenizer, b, rng, settings["prompts"], settings["template_kwargs"])
         ids, lengths = sample_sequences(
             model,
             prompts,

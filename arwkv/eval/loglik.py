@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from arwkv.errors import DataError
+from arwkv.loading import pad_token_id
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def accepts_logits_to_keep(model) -> bool:
         return False
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device
     except (StopIteration, AttributeError):
@@ -107,7 +108,7 @@ def score_tokens(
 ) -> list[LoglikResult]:
     """Score already-tokenized (context, continuation) pairs; results come back in input order."""
     max_length = max_length or model_max_length(model)
-    device = _device(model)
+    device = model_device(model)
     use_keep = accepts_logits_to_keep(model)
     rows = []
     for i, (ctx, cont) in enumerate(pairs):
@@ -157,7 +158,7 @@ def loglikelihood(
 ) -> list[LoglikResult]:
     """Log-likelihood of each continuation given its context (lm-eval `loglikelihood` semantics)."""
     pairs = [encode_pair(tokenizer, c, x) for c, x in requests]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     return score_tokens(
         model, pairs, batch_size=batch_size, max_length=max_length, pad_id=pad, progress=progress, desc=desc
     )

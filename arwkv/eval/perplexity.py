@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from arwkv.errors import DataError
-from arwkv.eval.loglik import _device, prefix_token_id
+from arwkv.eval.loglik import model_device, prefix_token_id
 from arwkv.eval.stats import mean_stderr
 from arwkv.ops.divergence import kl_from_log_probs, shared_log_probs
 
@@ -57,7 +57,7 @@ def _batches(ws: list[Window], batch_size: int) -> Iterator[tuple[torch.Tensor, 
 
 
 def _logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    device = _device(model)
+    device = model_device(model)
     # An all-ones mask is dropped so that HF attention can take its fast causal path.
     am = None if bool(mask.all()) else mask.to(device)
     return model(input_ids=ids.to(device), attention_mask=am).logits

@@ -28,7 +28,7 @@ from arwkv.config import RecipeConfig, StageConfig
 from arwkv.errors import ConfigError
 from arwkv.recipes.run_data import RunData, open_teacher_cache
 from arwkv.train import checkpoint as ckpt
-from arwkv.train.distributed import DistEnv, barrier
+from arwkv.train.distributed import DistEnv, barrier, say
 from arwkv.train.loop import micro_batch_size
 
 PLAN_FILE = "budget.json"
@@ -99,10 +99,8 @@ def measure_rate(step: Callable[[], int], repeats: int = 2) -> float:
     return n / max(time.perf_counter() - t0, 1e-9)
 
 
-def _apply_budget(cfg, stages, summary, student, teacher, distill_teacher, data, env: DistEnv) -> None:
+def apply_budget(cfg, stages, summary, student, teacher, distill_teacher, data, env: DistEnv) -> None:
     """Set each stage's `tokens` from `budget.minutes` (plan measured once, kept in budget.json)."""
-    from arwkv.recipes.convert import _say
-
     finished = {s for s in stages if summary["stages"].get(s, {}).get("done")}
     shares = stage_shares(stages, cfg.budget.align_share, cfg.budget.sft_share)
     if env.is_main:
@@ -117,7 +115,7 @@ def _apply_budget(cfg, stages, summary, student, teacher, distill_teacher, data,
     for s in plan["reopened"]:
         summary["stages"][s]["done"] = False  # resumes from its checkpoint with the longer budget
     summary["budget"] = {k: v for k, v in plan.items() if k != "reopened"}
-    _say(
+    say(
         env,
         f"budget {cfg.budget.minutes:g} min: "
         + ", ".join(f"{s} {plan['tokens'][s]:,} tokens at {plan['rates'][s]:.0f} tok/s" for s in stages)
@@ -138,7 +136,6 @@ def _stage_rate(name: str, student, teacher, distill_teacher, data: RunData, cfg
     """Tokens/s of one stage's forward + backward on its own rows (two micro-batches; gradients dropped)."""
     from arwkv.data.packing import PackedLoader
     from arwkv.recipes.align import AlignTask
-    from arwkv.recipes.convert import _say
     from arwkv.recipes.distill import DistillTask
     from arwkv.recipes.sft import SFTTask
     from arwkv.train.params import param_groups
@@ -169,7 +166,7 @@ def _stage_rate(name: str, student, teacher, distill_teacher, data: RunData, cfg
         student.zero_grad(set_to_none=True)
         return int(batch["input_ids"].numel())
 
-    _say(env, f"budget: measuring {name} throughput")
+    say(env, f"budget: measuring {name} throughput")
     rng = ckpt.rng_state()
     try:
         return measure_rate(step) * env.world_size  # processes run side by side

@@ -30,17 +30,17 @@ from torch import nn
 from arwkv.atomic import write_text
 from arwkv.config import STAGES, RecipeConfig, StageConfig, config_text, load_recipe, to_dict
 from arwkv.ops.precision import resolve_bf16
-from arwkv.recipes.budget import _apply_budget
-from arwkv.recipes.run_data import RunData, _is_main, open_teacher_cache, prepare_data
+from arwkv.recipes.budget import apply_budget
+from arwkv.recipes.run_data import RunData, is_main_process, open_teacher_cache, prepare_data
 from arwkv.recipes.students import (
-    _checkpoint_layers,
-    _full_state,
     build_student_for,
+    enable_grad_checkpointing,
+    full_state_dict,
     load_student,
     load_teacher_model,
     restore_student,
 )
-from arwkv.train.distributed import DistEnv, barrier, init_distributed
+from arwkv.train.distributed import DistEnv, barrier, init_distributed, say
 from arwkv.train.loop import LoopResult, micro_batch_size
 from arwkv.train.metrics import heldout_metrics, iter_batches
 from arwkv.train.run_state import finished_stage, load_summary, lock_run_dir, write_summary
@@ -52,11 +52,6 @@ class ConvertResult:
     run_dir: Path
     final_dir: Path | None
     summary: dict[str, Any]
-
-
-def _say(env: DistEnv, msg: str) -> None:
-    if env.is_main:
-        print(f"[arwkv] {msg}", flush=True)
 
 
 def _run_stage(
@@ -89,7 +84,7 @@ def _run_stage(
     if name == "dpo":  # preference pairs instead of packed rows (arwkv.recipes.dpo)
         from arwkv.recipes.dpo import run_dpo_stage
 
-        _checkpoint_layers(cfg, student)
+        enable_grad_checkpointing(cfg, student)
         return run_dpo_stage(cfg, student, teacher, data.tokenizer, stage_dir, **kw)
     rows = data.rows(name, scfg.seq_len)
     cached = name == "distill" and scfg.teacher_topk > 0
@@ -103,7 +98,7 @@ def _run_stage(
         with_row_ids=cached,
     )
     if name != "align":
-        _checkpoint_layers(cfg, student)
+        enable_grad_checkpointing(cfg, student)
     if name == "align":
         return run_align(
             student, teacher, loader, scfg, stage_dir, grad_checkpointing=cfg.grad_checkpointing, **kw
@@ -118,7 +113,7 @@ def _run_stage(
 def run(cfg: RecipeConfig, stages: list[str] | None = None, student_from: str | None = None) -> ConvertResult:
     """Run the recipe's enabled stages (or `stages`) and write the student and the report."""
     # one writer per run folder: the lock lives while this runs (the kernel drops it even on kill -9)
-    lock = lock_run_dir(cfg.run_dir) if _is_main() else None
+    lock = lock_run_dir(cfg.run_dir) if is_main_process() else None
     try:
         return _run(cfg, stages, student_from)
     finally:
@@ -135,7 +130,7 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
     bf16, precision_note = resolve_bf16(cfg.bf16, env.device)
     cfg = dataclasses.replace(cfg, bf16=bf16)
     if precision_note:
-        _say(env, precision_note)
+        say(env, precision_note)
     torch.manual_seed(cfg.seed)
     run_dir = cfg.run_dir
     stages = [s for s in (stages or STAGES) if stages or getattr(cfg, s).enabled]
@@ -146,13 +141,13 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
     config_yaml = config_text(cfg)
     summary = load_summary(run_dir, cfg.resume, to_dict(cfg))
 
-    _say(env, f"loading teacher {cfg.teacher.path}")
+    say(env, f"loading teacher {cfg.teacher.path}")
     teacher, tokenizer = load_teacher_model(
         cfg.teacher.path, cfg.teacher.dtype, env.device, cfg.teacher.tokenizer
     )
     distill_teacher = teacher
     if cfg.teacher.distill_path and "distill" in stages:
-        _say(env, f"loading the stage-2 teacher {cfg.teacher.distill_path}")
+        say(env, f"loading the stage-2 teacher {cfg.teacher.distill_path}")
         distill_teacher, _ = load_teacher_model(cfg.teacher.distill_path, cfg.teacher.dtype, env.device)
     if "dpo" in stages and cfg.dpo.data:  # bad preference files fail now, not after the data is sampled
         from arwkv.data.packing import teacher_vocab_size
@@ -173,7 +168,7 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
         summary["layer_selection"] = {
             key: selection[key] for key in ("k", "selected", "evenly_spaced", "ranking", "cost")
         }
-        _say(
+        say(
             env,
             f"select-layers: K={k} softmax layers {selection['selected']} (ranking {selection['ranking']})",
         )
@@ -222,7 +217,7 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
 
     budgeted = [s for s in stages if s != "dpo"]  # dpo keeps its own steps (pairs, not packed rows)
     if cfg.budget.minutes > 0 and budgeted:
-        _apply_budget(cfg, budgeted, summary, student, teacher, distill_teacher, data, env)
+        apply_budget(cfg, budgeted, summary, student, teacher, distill_teacher, data, env)
         if env.is_main:
             write_summary(run_dir, summary)
 
@@ -233,7 +228,7 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
     minutes_before, last_after = 0.0, summary["baselines"].get("student_init")
     for name in stages:
         scfg: StageConfig = getattr(cfg, name)
-        done = finished_stage(summary, name, to_dict(scfg), lambda msg: _say(env, msg))
+        done = finished_stage(summary, name, to_dict(scfg), lambda msg: say(env, msg))
         if done:
             restore_student(student, Path(done["checkpoint"]))
             minutes_before += done["wall_s"] / 60
@@ -243,7 +238,7 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
         summary["stages"][name] = {"before": before, "done": False, "minutes_before": minutes_before}
         if env.is_main:
             write_summary(run_dir, summary)
-        _say(env, f"{name}: {scfg.tokens:,} tokens, batch {scfg.batch_size} x {scfg.seq_len}, lr {scfg.lr:g}")
+        say(env, f"{name}: {scfg.tokens:,} tokens, batch {scfg.batch_size} x {scfg.seq_len}, lr {scfg.lr:g}")
         res = _run_stage(
             name,
             scfg,
@@ -276,7 +271,7 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
         )
         minutes_before += res.wall_s / 60
         last_after = after
-        _say(
+        say(
             env,
             f"{name}: done in {res.wall_s / 60:.1f} min, {res.tokens_per_s:,.0f} tok/s; held-out "
             + ", ".join(f"{k} {after[k]:.4g}" for k in ("nll_ratio", "kl", "top1") if k in after),
@@ -285,7 +280,7 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
             write_summary(run_dir, summary)
 
     final_dir = run_dir / "final"
-    full = _full_state(student)  # collective when the student is sharded (FSDP)
+    full = full_state_dict(student)  # collective when the student is sharded (FSDP)
     if env.is_main:
         student.save_pretrained(final_dir, state_dict=full)
         if tokenizer is not None:
@@ -295,14 +290,14 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
         from arwkv.recipes.report import write_report
 
         write_report(run_dir, summary)
-        _say(env, f"student saved in {final_dir}; report in {run_dir / 'report.md'}")
+        say(env, f"student saved in {final_dir}; report in {run_dir / 'report.md'}")
     barrier()
     return ConvertResult(run_dir, final_dir, summary)
 
 
 def _baselines(cfg: RecipeConfig, teacher, student, data: RunData, evaluate, env: DistEnv) -> dict[str, Any]:
     """Held-out metrics of the teacher itself, the untrained student and the training-free SWA baseline."""
-    _say(env, "held-out baselines: teacher, untrained student, sliding window + sinks")
+    say(env, "held-out baselines: teacher, untrained student, sliding window + sinks")
     out = {"teacher": evaluate(teacher), "student_init": evaluate(student)}
     if cfg.eval.swa_baseline:
         try:

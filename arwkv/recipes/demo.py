@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from arwkv.config import RecipeConfig
+from arwkv.loading import pad_token_id
 from arwkv.recipes.convert import ConvertResult, run_recipe
 
 DEMO_TASKS = ("lambada_openai", "arc_easy", "piqa", "hellaswag", "winogrande", "blimp", "wikitext")
@@ -64,7 +65,7 @@ def chat_reply(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: i
         ids = tokenizer(prompt)["input_ids"]
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     with torch.no_grad():
         out = model.generate(
             x,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from arwkv.atomic import write_json
 from arwkv.config import DPOConfig
 from arwkv.data.preferences import PreferenceSet
+from arwkv.train.distributed import say
 from arwkv.train.forward import Batch, hidden_states
 from arwkv.train.loop import LoopResult, train
 from arwkv.train.losses import dpo_loss, sequence_logprobs
@@ -171,19 +172,20 @@ def prepare_pairs(cfg, teacher, student, tokenizer, env) -> tuple[PreferenceSet,
     then read by every process)."""
     from arwkv.data.packing import teacher_vocab_size
     from arwkv.data.preferences import data_free_preferences, load_preferences
-    from arwkv.recipes.run_data import _cache_dir, _pad_id
+    from arwkv.loading import pad_token_id
+    from arwkv.recipes.run_data import cache_dir_for
     from arwkv.train.distributed import barrier
 
     d = cfg.dpo
     if d.data:
         pairs = load_preferences(
-            d.data, tokenizer, d.seq_len, pad_id=_pad_id(tokenizer), vocab=teacher_vocab_size(teacher)
+            d.data, tokenizer, d.seq_len, pad_id=pad_token_id(tokenizer), vocab=teacher_vocab_size(teacher)
         )
         if d.heldout_pairs == 0:
             return pairs, None
         return pairs.split(d.heldout_pairs, seed=cfg.seed)
     f = d.data_free
-    cache = Path(f.cache_dir) if f.cache_dir else _cache_dir(cfg, "preferences")
+    cache = Path(f.cache_dir) if f.cache_dir else cache_dir_for(cfg, "preferences")
 
     def make(progress: bool):
         return data_free_preferences(
@@ -214,7 +216,6 @@ def run_dpo_stage(cfg, student, teacher, tokenizer, stage_dir: Path, **kw: Any) 
     """`arwkv dpo` / the recipe's `dpo:` stage inside `arwkv.recipes.convert.run` (`kw`: the loop's
     arguments, `env` among them)."""
     from arwkv.data.packing import PackedLoader
-    from arwkv.recipes.convert import _say
     from arwkv.recipes.students import load_student
     from arwkv.train.loop import micro_batch_size
 
@@ -227,7 +228,7 @@ def run_dpo_stage(cfg, student, teacher, tokenizer, stage_dir: Path, **kw: Any) 
         reference = frozen_reference(student)
     train_pairs, held = prepare_pairs(cfg, teacher, student, tokenizer, env)
     meta = train_pairs.meta
-    _say(
+    say(
         env,
         f"dpo: {len(train_pairs)} training pairs"
         + (f", {len(held)} held-out" if held is not None else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from arwkv.errors import ArwkvError
+from arwkv.loading import pad_token_id
 
 
 def _load_for_generation(spec: str, device: str):
@@ -49,7 +50,7 @@ def _generate(model, tok, dev, input_ids, args, streamer):
         max_new_tokens=args.max_new_tokens,
         do_sample=sample,
         streamer=streamer,
-        pad_token_id=(tok.pad_token_id or tok.eos_token_id) if tok is not None else 0,
+        pad_token_id=pad_token_id(tok),
     )
     if sample:
         kwargs.update(temperature=args.temperature, top_k=args.top_k or None)

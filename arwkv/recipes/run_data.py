@@ -16,6 +16,7 @@ from torch import nn
 
 from arwkv.config import RecipeConfig
 from arwkv.errors import DataError
+from arwkv.loading import pad_token_id
 from arwkv.train.distributed import DistEnv, barrier
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class RunData:
         if sources and d.teacher_fraction > 0 and stage != "sft" and self.corpus is not None:
             from arwkv.data.packing import MixedCorpus
 
-            written = self.corpus.packed("train", seq_len=seq_len, pad_id=_pad_id(self.tokenizer))
+            written = self.corpus.packed("train", seq_len=seq_len, pad_id=pad_token_id(self.tokenizer))
             return MixedCorpus(written, self._file_rows(sources, seq_len), d.teacher_fraction)
         if not sources:
             if self.corpus is None:
@@ -48,7 +49,10 @@ class RunData:
                     "no training data: give data.train files or leave it empty for data-free mode"
                 )
             return self.corpus.packed(
-                "train", seq_len=seq_len, reply_only=stage == "sft" and d.chat, pad_id=_pad_id(self.tokenizer)
+                "train",
+                seq_len=seq_len,
+                reply_only=stage == "sft" and d.chat,
+                pad_id=pad_token_id(self.tokenizer),
             )
         return self._file_rows(sources, seq_len)
 
@@ -67,22 +71,16 @@ class RunData:
             seq_len,
             teacher=self.teacher,
             text_field=d.text_field,
-            cache_dir=_cache_dir(self.cfg, "data"),
-            progress=_is_main(),
+            cache_dir=cache_dir_for(self.cfg, "data"),
+            progress=is_main_process(),
         )
 
 
-def _is_main() -> bool:
+def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _pad_id(tokenizer) -> int:
-    if tokenizer is None:
-        return 0
-    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-
-
-def _cache_dir(cfg: RecipeConfig, kind: str) -> Path:
+def cache_dir_for(cfg: RecipeConfig, kind: str) -> Path:
     if kind == "teacher_corpus" and cfg.data.data_free.cache_dir:
         return Path(cfg.data.data_free.cache_dir)
     return cfg.run_dir.parent / ".cache" / kind
@@ -152,7 +150,7 @@ def prepare_data(cfg: RecipeConfig, teacher: nn.Module, tokenizer, env: DistEnv)
                 top_k=d.data_free.top_k,
                 batch_size=d.data_free.batch_size,
                 seed=cfg.seed + 1000 * k,
-                cache_dir=_cache_dir(cfg, "teacher_corpus"),
+                cache_dir=cache_dir_for(cfg, "teacher_corpus"),
                 progress=progress,
             )
 
@@ -190,7 +188,7 @@ def prepare_data(cfg: RecipeConfig, teacher: nn.Module, tokenizer, env: DistEnv)
                 tokenizer,
                 h.seq_len,
                 teacher=teacher,
-                cache_dir=_cache_dir(cfg, "data"),
+                cache_dir=cache_dir_for(cfg, "data"),
                 progress=env.is_main,
             )
             heldout = rows.batch(list(range(min(h.num_sequences, len(rows)))))
@@ -212,7 +210,7 @@ def open_teacher_cache(cfg: RecipeConfig, teacher: nn.Module, tokenizer, rows, r
         "compute": "bf16" if cfg.bf16 else str(next(teacher.parameters()).dtype),
     }
     return TeacherCache.open(
-        _cache_dir(cfg, "teacher_topk"),
+        cache_dir_for(cfg, "teacher_topk"),
         key,
         num_rows=rows.num_base_rows,
         seq_len=rows.seq_len,

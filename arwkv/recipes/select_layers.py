@@ -30,6 +30,7 @@ from torch import nn
 
 from arwkv.atomic import write_json, write_text
 from arwkv.errors import ConfigError
+from arwkv.train.distributed import say
 from arwkv.train.forward import decoder_layers, model_inputs
 from arwkv.train.metrics import heldout_metrics, iter_batches
 from arwkv.train.params import mixer_layers
@@ -143,7 +144,6 @@ def select_layers(cfg, teacher: nn.Module, data, env, k: int) -> dict[str, Any]:
     from arwkv.data.packing import PackedLoader
     from arwkv.data.teacher_corpus import teacher_fingerprint
     from arwkv.recipes.align import run_align
-    from arwkv.recipes.convert import _say
     from arwkv.recipes.students import build_student_for
     from arwkv.train.distributed import barrier
     from arwkv.train.loop import micro_batch_size
@@ -170,7 +170,7 @@ def select_layers(cfg, teacher: nn.Module, data, env, k: int) -> dict[str, Any]:
     probe_cfg.student.softmax_layers = []
     student = build_student_for(probe_cfg, teacher).to(env.device)
     acfg = dataclasses.replace(cfg.align, tokens=sel.align_tokens, max_steps=0, eval_interval=0)
-    _say(env, f"select-layers: stage 1 of all {n_layers} layers for {acfg.tokens:,} tokens, then each alone")
+    say(env, f"select-layers: stage 1 of all {n_layers} layers for {acfg.tokens:,} tokens, then each alone")
     rows = data.rows("align", acfg.seq_len)
     loader = PackedLoader(
         rows,
@@ -268,7 +268,7 @@ def write_ranking(out_dir: Path, record: dict[str, Any]) -> None:
 def run_selection(cfg, k: int | None = None) -> dict[str, Any]:
     """`arwkv select-layers`: the ranking for this recipe (in `<out_dir>/select_layers/`) and its K layers;
     K defaults to the recipe's `student.softmax_layers: auto:K`."""
-    from arwkv.recipes.run_data import _is_main, prepare_data
+    from arwkv.recipes.run_data import is_main_process, prepare_data
     from arwkv.recipes.students import load_teacher_model
     from arwkv.train.distributed import init_distributed
     from arwkv.train.run_state import lock_run_dir
@@ -276,7 +276,7 @@ def run_selection(cfg, k: int | None = None) -> dict[str, Any]:
     k = k if k is not None else auto_k(cfg.student.softmax_layers)
     if k is None:
         raise ConfigError("give the softmax budget: --k K (or student.softmax_layers=auto:K in the recipe)")
-    lock = lock_run_dir(cfg.run_dir) if _is_main() else None
+    lock = lock_run_dir(cfg.run_dir) if is_main_process() else None
     try:
         env = init_distributed(cfg.device, cfg.distributed.backend)
         if cfg.threads > 0:

@@ -98,7 +98,7 @@ def restore_student(student: nn.Module, checkpoint: Path) -> None:
     set_model_state_dict(student, sd, options=StateDictOptions(full_state_dict=True))  # plain, DDP or FSDP
 
 
-def _checkpoint_layers(cfg: RecipeConfig, student: nn.Module) -> None:
+def enable_grad_checkpointing(cfg: RecipeConfig, student: nn.Module) -> None:
     if cfg.grad_checkpointing:
         # recompute each decoder layer in backward (transformers >= 5.x renamed the switch)
         if hasattr(student, "activation_checkpointing_enable"):
@@ -107,7 +107,7 @@ def _checkpoint_layers(cfg: RecipeConfig, student: nn.Module) -> None:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -33,6 +33,12 @@ class DistEnv:
         return self.world_size > 1
 
 
+def say(env: DistEnv, msg: str) -> None:
+    """An `[arwkv] …` progress line, printed by the main process only (every DDP process runs the recipe)."""
+    if env.is_main:
+        print(f"[arwkv] {msg}", flush=True)
+
+
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

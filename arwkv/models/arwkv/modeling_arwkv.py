@@ -70,7 +70,7 @@ _WKV7_GROUP_ROWS = 2048
 _WKV7_SAVED = 12  # tensors kept per group for the backward: v, Hp, U and the 9 of _wkv7_prep
 
 
-def _wkv7_schedule(offsets: list[int], C: int, H: int, device: torch.device):
+def wkv7_schedule(offsets: list[int], C: int, H: int, device: torch.device):
     """Chunk order for sequences [offsets[i], offsets[i+1]) of one flat token axis.
 
     Chunks are laid out step-major (all first chunks, then all second chunks, ...) over the sequences sorted
@@ -324,7 +324,7 @@ def wkv7_chunked(
     C = int(chunk_size)
     cdt = torch.float64 if any(x.dtype == torch.float64 for x in (r, w, k, v, a, b)) else torch.float32
     offsets = cu_seqlens.tolist() if cu_seqlens is not None else [i * T for i in range(B + 1)]
-    active, order, rows, valid, unsort = _wkv7_schedule(offsets, C, H, dev)
+    active, order, rows, valid, unsort = wkv7_schedule(offsets, C, H, dev)
     N = len(offsets) - 1
     # Steps run in groups of about _WKV7_GROUP_ROWS (chunk, head, position) rows: every intermediate stays
     # small, so it is cache-resident and reuses freed memory instead of page-faulting in fresh allocations.
@@ -771,7 +771,7 @@ def wkv6_chunked(
     V, dev, C = v.shape[-1], r.device, int(chunk_size)
     cdt = torch.float64 if any(x.dtype == torch.float64 for x in (r, k, v, w, u)) else torch.float32
     offsets = cu_seqlens.tolist() if cu_seqlens is not None else [i * T for i in range(B + 1)]
-    active, order, rows, valid, unsort = _wkv7_schedule(offsets, C, H, dev)
+    active, order, rows, valid, unsort = wkv7_schedule(offsets, C, H, dev)
     N = len(offsets) - 1
     plan = (active, rows, valid, H, C, V)
     with torch.autocast(dev.type, enabled=False):  # computes in cdt whatever an enclosing autocast says

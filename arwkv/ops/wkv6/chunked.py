@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from arwkv.ops.wkv7.chunked import _wkv7_schedule
+from arwkv.ops.wkv7.chunked import wkv7_schedule
 
 # <wkv6-chunked>
 # RWKV-6 WKV, chunked form. Copied from arwkv/ops/wkv6/chunked.py (derivation: arwkv/ops/wkv6/README.md).
@@ -163,7 +163,7 @@ def wkv6_chunked(
     V, dev, C = v.shape[-1], r.device, int(chunk_size)
     cdt = torch.float64 if any(x.dtype == torch.float64 for x in (r, k, v, w, u)) else torch.float32
     offsets = cu_seqlens.tolist() if cu_seqlens is not None else [i * T for i in range(B + 1)]
-    active, order, rows, valid, unsort = _wkv7_schedule(offsets, C, H, dev)
+    active, order, rows, valid, unsort = wkv7_schedule(offsets, C, H, dev)
     N = len(offsets) - 1
     plan = (active, rows, valid, H, C, V)
     with torch.autocast(dev.type, enabled=False):  # computes in cdt whatever an enclosing autocast says
