@@ -119,6 +119,20 @@ def test_nan_loss_stops_with_message_and_good_checkpoint(tmp_path):
     assert all(torch.isfinite(p).all() for p in student.parameters())
 
 
+def test_nan_at_the_first_step_after_a_resume_blames_the_checkpoint(tmp_path):
+    teacher, student, corpus = _setup()
+    data = PackedLoader(PackedCorpus.from_sequences(corpus), 4, seed=0)
+    train(DistillTask(student, teacher), data, stage_cfg(max_steps=3, ckpt_interval=3), tmp_path)
+    _, student_b, _ = _setup()
+    data = PackedLoader(PackedCorpus.from_sequences(corpus), 4, seed=0)
+    task = _Exploding(DistillTask(student_b, teacher), at_call=1)  # e.g. a damaged-but-finite checkpoint
+    with pytest.raises(TrainingDivergedError) as e:
+        train(task, data, stage_cfg(max_steps=6, ckpt_interval=3), tmp_path)
+    msg = str(e.value)
+    assert "first step after resuming from" in msg and "step_000003" in msg and "damaged" in msg
+    assert "Lower the learning rate" not in msg
+
+
 def test_full_disk_while_checkpointing_keeps_previous(tmp_path, monkeypatch):
     teacher, student, corpus = _setup()
     cfg = stage_cfg(max_steps=6, ckpt_interval=2)
