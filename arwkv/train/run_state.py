@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -34,7 +35,7 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
         ) from None
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()}")
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
     f.flush()
     return f
 
