@@ -25,26 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from arwkv.atomic import write_text
 from arwkv.config import STAGES, RecipeConfig, StageConfig, config_text, load_recipe, to_dict
 from arwkv.ops.precision import resolve_bf16
 from arwkv.recipes.budget import apply_budget
-from arwkv.recipes.run_data import RunData, is_main_process, open_teacher_cache, prepare_data
+from arwkv.recipes.run_data import RunData, heldout_evaluator, is_main_process, prepare_data
+from arwkv.recipes.select_layers import apply_auto_layers
+from arwkv.recipes.stages import run_stage
 from arwkv.recipes.students import (
     build_student_for,
-    enable_grad_checkpointing,
     full_state_dict,
     load_student,
     load_teacher_model,
     restore_student,
 )
 from arwkv.train.distributed import DistEnv, barrier, init_distributed, say
-from arwkv.train.loop import LoopResult, micro_batch_size
-from arwkv.train.metrics import heldout_metrics, iter_batches
 from arwkv.train.run_state import finished_stage, load_summary, lock_run_dir, write_summary
-from arwkv.train.threads import ThreadTuner
 
 
 @dataclass
@@ -52,62 +49,6 @@ class ConvertResult:
     run_dir: Path
     final_dir: Path | None
     summary: dict[str, Any]
-
-
-def _run_stage(
-    name: str,
-    scfg: StageConfig,
-    student,
-    teacher,
-    distill_teacher,
-    data: RunData,
-    cfg: RecipeConfig,
-    env: DistEnv,
-    eval_fn,
-    config_yaml: str,
-) -> LoopResult:
-    from arwkv.data.packing import PackedLoader
-    from arwkv.recipes.align import run_align
-    from arwkv.recipes.distill import run_distill
-    from arwkv.recipes.sft import run_sft
-
-    kw = dict(
-        env=env,
-        eval_fn=eval_fn,
-        bf16=cfg.bf16,
-        strategy=cfg.distributed.strategy,
-        config_yaml=config_yaml,
-        resume=cfg.resume,
-        thread_tuner=ThreadTuner() if cfg.thread_tuning and env.device.type == "cpu" else None,
-    )
-    stage_dir = cfg.run_dir / name
-    if name == "dpo":  # preference pairs instead of packed rows (arwkv.recipes.dpo)
-        from arwkv.recipes.dpo import run_dpo_stage
-
-        enable_grad_checkpointing(cfg, student)
-        return run_dpo_stage(cfg, student, teacher, data.tokenizer, stage_dir, **kw)
-    rows = data.rows(name, scfg.seq_len)
-    cached = name == "distill" and scfg.teacher_topk > 0
-    loader = PackedLoader(
-        rows,
-        micro_batch_size(scfg, env.world_size),
-        seed=cfg.seed,
-        shuffle=cfg.data.shuffle,
-        rank=env.rank,
-        world_size=env.world_size,
-        with_row_ids=cached,
-    )
-    if name != "align":
-        enable_grad_checkpointing(cfg, student)
-    if name == "align":
-        return run_align(
-            student, teacher, loader, scfg, stage_dir, grad_checkpointing=cfg.grad_checkpointing, **kw
-        )
-    if name == "distill":
-        if cached:
-            kw["teacher_cache"] = open_teacher_cache(cfg, distill_teacher, data.tokenizer, rows, env.rank)
-        return run_distill(student, distill_teacher, loader, scfg, stage_dir, **kw)
-    return run_sft(student, loader, scfg, stage_dir, **kw)
 
 
 def run(cfg: RecipeConfig, stages: list[str] | None = None, student_from: str | None = None) -> ConvertResult:
@@ -138,7 +79,6 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
         run_dir.mkdir(parents=True, exist_ok=True)
     # config.yaml and summary["config"] change only once this run is accepted (after the data, the caches and
     # the budget plan agreed with what the folder holds): a refused rerun leaves the run's record as it was
-    config_yaml = config_text(cfg)
     summary = load_summary(run_dir, cfg.resume, to_dict(cfg))
 
     say(env, f"loading teacher {cfg.teacher.path}")
@@ -154,24 +94,8 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
         from arwkv.data.preferences import load_preferences
 
         load_preferences(cfg.dpo.data, tokenizer, cfg.dpo.seq_len, vocab=teacher_vocab_size(teacher))
-    data = None
-    from arwkv.recipes.select_layers import auto_k
-
-    k = auto_k(cfg.student.softmax_layers)
-    if k is not None:  # softmax_layers: auto:K — measured once per run folder (select_layers/ranking.json)
-        from arwkv.recipes.select_layers import select_layers
-
-        data = prepare_data(cfg, teacher, tokenizer, env)
-        selection = select_layers(cfg, teacher, data, env, k)
-        cfg.student.softmax_layers = list(selection["selected"])
-        config_yaml = config_text(cfg)  # the run records the layers it trains with
-        summary["layer_selection"] = {
-            key: selection[key] for key in ("k", "selected", "evenly_spaced", "ranking", "cost")
-        }
-        say(
-            env,
-            f"select-layers: K={k} softmax layers {selection['selected']} (ranking {selection['ranking']})",
-        )
+    data = apply_auto_layers(cfg, teacher, tokenizer, env, summary)  # softmax_layers: auto:K
+    config_yaml = config_text(cfg)  # the run records the layers it trains with
     from_path = student_from or cfg.student.from_checkpoint
     student = load_student(from_path, cfg, teacher) if from_path else build_student_for(cfg, teacher)
     student.to(env.device)
@@ -189,26 +113,7 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
     n_held = int(data.heldout["input_ids"].shape[0])
     summary["heldout"] = {"sequences": n_held, "seq_len": int(data.heldout["input_ids"].shape[1])}
 
-    # the teacher's held-out hidden states never change: computed once, when they fit in 2 GB
-    n_tok, width = int(data.heldout["input_ids"].numel()), int(teacher.config.hidden_size)
-    teacher_cache: dict[int, torch.Tensor] | None = {} if n_tok * width * 4 < 2**31 else None
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                batches = iter_batches(data.heldout, cfg.data.heldout.batch_size)
-                return heldout_metrics(
-                    model,
-                    teacher,
-                    batches,
-                    confident_p=cfg.eval.confident_p,
-                    device=env.device,
-                    teacher_cache=teacher_cache,
-                )
-        finally:
-            model.train(was)
+    evaluate = heldout_evaluator(cfg, teacher, data, env)
 
     if "baselines" not in summary:
         summary["baselines"] = _baselines(cfg, teacher, student, data, evaluate, env)
@@ -239,7 +144,7 @@ def _run(cfg: RecipeConfig, stages: list[str] | None, student_from: str | None) 
         if env.is_main:
             write_summary(run_dir, summary)
         say(env, f"{name}: {scfg.tokens:,} tokens, batch {scfg.batch_size} x {scfg.seq_len}, lr {scfg.lr:g}")
-        res = _run_stage(
+        res = run_stage(
             name,
             scfg,
             student,

@@ -18,6 +18,7 @@ from arwkv.config import RecipeConfig
 from arwkv.errors import DataError
 from arwkv.loading import pad_token_id
 from arwkv.train.distributed import DistEnv, barrier
+from arwkv.train.metrics import heldout_metrics, iter_batches
 
 if TYPE_CHECKING:
     from arwkv.data.teacher_cache import TeacherCache
@@ -217,3 +218,29 @@ def open_teacher_cache(cfg: RecipeConfig, teacher: nn.Module, tokenizer, rows, r
         k=cfg.distill.teacher_topk,
         rank=rank,
     )
+
+
+def heldout_evaluator(cfg: RecipeConfig, teacher: nn.Module, data: RunData, env: DistEnv):
+    """`evaluate(model) -> held-out metrics` against the teacher on the run's held-out set (eval mode, no
+    gradients, the model's training flag restored). The teacher's held-out hidden states never change: they
+    are computed once and kept, when they fit in 2 GB."""
+    n_tok, width = int(data.heldout["input_ids"].numel()), int(teacher.config.hidden_size)
+    teacher_cache: dict[int, torch.Tensor] | None = {} if n_tok * width * 4 < 2**31 else None
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return heldout_metrics(
+                    model,
+                    teacher,
+                    iter_batches(data.heldout, cfg.data.heldout.batch_size),
+                    confident_p=cfg.eval.confident_p,
+                    device=env.device,
+                    teacher_cache=teacher_cache,
+                )
+        finally:
+            model.train(was)
+
+    return evaluate

@@ -138,6 +138,25 @@ def measure_harm(
     return out
 
 
+def apply_auto_layers(cfg, teacher: nn.Module, tokenizer, env, summary: dict[str, Any]):
+    """`student.softmax_layers: auto:K`: measure the ranking (once per run folder, kept in
+    select_layers/ranking.json), set the K chosen layers in `cfg` and record them in `summary`. Returns the
+    run's data it had to prepare for that, or None when the layers are given."""
+    from arwkv.recipes.run_data import prepare_data
+
+    k = auto_k(cfg.student.softmax_layers)
+    if k is None:
+        return None
+    data = prepare_data(cfg, teacher, tokenizer, env)
+    selection = select_layers(cfg, teacher, data, env, k)
+    cfg.student.softmax_layers = list(selection["selected"])
+    summary["layer_selection"] = {
+        key: selection[key] for key in ("k", "selected", "evenly_spaced", "ranking", "cost")
+    }
+    say(env, f"select-layers: K={k} softmax layers {selection['selected']} (ranking {selection['ranking']})")
+    return data
+
+
 def select_layers(cfg, teacher: nn.Module, data, env, k: int) -> dict[str, Any]:
     """Measure (or read) the ranking for this recipe and return {"ranking", "selected", "evenly_spaced",
     "cost", ...}; the K most harmful layers are `selected`."""
