@@ -9,15 +9,15 @@ All are trained at one length and evaluated at that length and longer ones.
     python benchmarks/state_tracking.py                     # full run, resumable (rerun the same command)
     python benchmarks/state_tracking.py --groups S3 --steps 300 --out /tmp/st   # smoke run
 
-Writes ``<out>/results.json``, ``<out>/table.md``, ``<out>/accuracy_vs_length.png``; checkpoints in
-``<out>/ckpt``. A phase already in results.json is skipped; an interrupted phase resumes from its checkpoint.
+Writes ``<out>/results.json``, ``<out>/table.md``, ``<out>/accuracy_vs_length.png``; one run folder per
+model in ``<out>/ckpt`` (the project's training loop: safetensors checkpoints, metrics.jsonl). A phase
+already in results.json is skipped; an interrupted phase resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -74,10 +74,22 @@ def steps_for(spec: str, group: str) -> int:
     return int(table[group])
 
 
+def _trained(model: torch.nn.Module, run_dir: Path) -> torch.nn.Module:
+    """`model` with the weights of the newest checkpoint of a finished run folder (the loop's task keeps the
+    model as `student.`)."""
+    from arwkv.train import checkpoint as ckpt
+
+    latest = ckpt.latest_intact_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        raise SystemExit(f"{run_dir} has no checkpoint: run its phase first")
+    model.load_state_dict({k.removeprefix("student."): v for k, v in ckpt.load_model_state(latest).items()})
+    return model
+
+
 def run_phase(args, group: st.PermutationGroup, phase: str, out: Path, results: dict) -> dict:
-    """Train (or distil) one model, resuming from its checkpoint, then evaluate it at every length."""
-    ckpt = out / "ckpt" / f"{group.name}-{phase}.pt"
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    """Train (or distil) one model in its run folder (the project's training loop: resumable, safetensors
+    checkpoints), then evaluate it at every length. CPU seconds count the sitting that finished the phase."""
+    run_dir = out / "ckpt" / f"{group.name}-{phase}"
     steps = steps_for(args.steps, group.name)
     cfg = st.TrainConfig(
         steps=steps, batch_size=args.batch_size, length=args.train_length, lr=args.lr, seed=args.seed
@@ -92,35 +104,25 @@ def run_phase(args, group: st.PermutationGroup, phase: str, out: Path, results: 
         model, _ = st.make_matched_rwkv7(group, st.num_params(transformer), MIXER_OPTIONS, **kw)
         teacher = None
     else:
-        teacher = transformer
-        teacher.load_state_dict(torch.load(out / "ckpt" / f"{group.name}-transformer.pt")["model"])
+        teacher = _trained(transformer, out / "ckpt" / f"{group.name}-transformer")
         from arwkv.convert.build import build_student
 
         model = build_student(teacher, init="copy", **MIXER_OPTIONS)
-    state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
-    if state is not None:
-        log(f"{group.name}/{phase}: resuming at step {state['step']}")
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    prior_cpu = state.get("cpu_sec", 0.0) if state else 0.0
-
-    def save(s: dict) -> None:
-        s["cpu_sec"] = prior_cpu + time.process_time() - cpu0
-        torch.save(s, ckpt.with_suffix(".tmp"))
-        os.replace(ckpt.with_suffix(".tmp"), ckpt)  # atomic: an interrupt never leaves half a checkpoint
 
     def on_log(rec: dict) -> None:
         msg = f"step {rec['step']}/{steps} loss {rec['loss']:.4f} acc {rec['token_acc']:.3f}"
         log(f"{group.name}/{phase} {msg}")
 
-    kwargs = dict(state=state, on_log=on_log, checkpoint=save, checkpoint_every=250)
     if teacher is None:
-        history = st.train(model, group, cfg, **kwargs)
+        history = st.train(model, group, cfg, run_dir, on_log=on_log)
     else:
-        history = st.distill(model, teacher, group, cfg, **kwargs)
-    train_cpu = prior_cpu + time.process_time() - cpu0
+        history = st.distill(model, teacher, group, cfg, run_dir, on_log=on_log)
+    train_cpu = time.process_time() - cpu0
     lengths = [int(x) for x in args.eval_lengths.split(",")]
     t_eval = time.process_time()
     ev = st.evaluate(model, group, lengths, num_sequences=args.eval_sequences)
+    keep = ("step", "loss", "token_acc", "lr/matrices", "wall_s")
     rec = {
         "params": st.num_params(model),
         "steps": steps,
@@ -128,7 +130,7 @@ def run_phase(args, group: st.PermutationGroup, phase: str, out: Path, results: 
         "eval_cpu_sec": round(time.process_time() - t_eval, 1),
         "wall_sec": round(time.perf_counter() - wall0, 1),
         "final_train_loss": history[-1]["loss"],
-        "history": history,
+        "history": [{k: h[k] for k in keep if k in h} for h in history],
         "eval": {str(k): v for k, v in ev.items()},
     }
     if phase == "distilled":
@@ -142,11 +144,11 @@ def add_agreement(args, group: st.PermutationGroup, out: Path, rec: dict) -> Non
     from arwkv.convert.build import build_student
 
     kw = dict(hidden_size=args.hidden_size, num_layers=args.layers, head_dim=args.head_dim)
-    teacher = st.make_transformer(st.transformer_config(group, **kw))
-    teacher.load_state_dict(torch.load(out / "ckpt" / f"{group.name}-transformer.pt")["model"])
-    student = build_student(teacher, init="copy", **MIXER_OPTIONS)
-    student.load_state_dict(
-        torch.load(out / "ckpt" / f"{group.name}-distilled.pt", weights_only=False)["model"]
+    teacher = _trained(
+        st.make_transformer(st.transformer_config(group, **kw)), out / "ckpt" / f"{group.name}-transformer"
+    )
+    student = _trained(
+        build_student(teacher, init="copy", **MIXER_OPTIONS), out / "ckpt" / f"{group.name}-distilled"
     )
     lengths = [int(x) for x in args.eval_lengths.split(",")]
     cmp = st.compare_to_teacher(student, teacher, group, lengths, num_sequences=args.eval_sequences)

@@ -22,14 +22,17 @@ parameter count. ``distill`` trains a student converted from the trained Transfo
 from __future__ import annotations
 
 import itertools
-import math
-import time
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from arwkv.ops.divergence import kl_per_token
+from arwkv.train.loop import train as train_loop
 
 __all__ = [
     "PermutationGroup",
@@ -47,6 +50,9 @@ __all__ = [
     "make_matched_rwkv7",
     "num_params",
     "TrainConfig",
+    "WordBatches",
+    "RunningProductTask",
+    "WordDistillTask",
     "train",
     "distill",
     "evaluate",
@@ -240,6 +246,11 @@ def make_matched_rwkv7(group: PermutationGroup, target_params: int, mixer_option
 
 @dataclass
 class TrainConfig:
+    """One training or distillation run of the experiment. The project's training loop runs it: AdamW
+    (betas 0.9/0.98, no weight decay on vectors), linear warm-up for `warmup` steps then cosine decay to 10%
+    of `lr`, gradients clipped to `grad_clip`, a checkpoint every `checkpoint_every` steps in its run folder.
+    """
+
     steps: int = 2000
     batch_size: int = 64
     length: int = 16
@@ -249,6 +260,67 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 100
+    checkpoint_every: int = 250
+
+
+@dataclass
+class _LoopSettings:
+    """`TrainConfig` as the settings `arwkv.train.loop.train` reads (`LoopSettings`)."""
+
+    tokens: int
+    max_steps: int
+    seq_len: int
+    batch_size: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    clip: float
+    weight_decay: float
+    log_interval: int
+    ckpt_interval: int
+    grad_accum: int = 1
+    schedule: str = "cosine"
+    betas: tuple[float, float] = (0.9, 0.98)
+    eval_interval: int = 0
+    keep_checkpoints: int = 1
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> _LoopSettings:
+        return cls(
+            tokens=cfg.steps * cfg.batch_size * (cfg.length + 1),
+            max_steps=cfg.steps,
+            seq_len=cfg.length + 1,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            min_lr=0.1 * cfg.lr,
+            warmup_steps=cfg.warmup,
+            clip=cfg.grad_clip,
+            weight_decay=cfg.weight_decay,
+            log_interval=cfg.log_every,
+            ckpt_interval=cfg.checkpoint_every,
+        )
+
+
+class WordBatches:
+    """Endless batches of random words with their running products, from one seeded generator whose state is
+    the stream's position (saved in the loop's checkpoints, so a resumed run draws the same words)."""
+
+    def __init__(self, group: PermutationGroup, batch_size: int, length: int, seed: int) -> None:
+        self.group, self.batch_size, self.length = group, batch_size, length
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> WordBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        input_ids, targets = make_batch(self.group, self.batch_size, self.length, self.generator)
+        return {"input_ids": input_ids, "targets": targets}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -256,102 +328,104 @@ def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids).logits[:, 1:, :-1]
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up then cosine to 10% of the peak."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+class RunningProductTask(nn.Module):
+    """The loop's task for training from scratch: cross-entropy of the running product at every position.
+    forward(batch) -> (CE sum, positions, {"token_acc": positions right})."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.student = model
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["targets"].numel()
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        logits = _logits(self.student, batch["input_ids"])
+        targets = batch["targets"]
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
+        )
+        right = (logits.argmax(-1) == targets).sum().float()
+        return ce, targets.numel(), {"token_acc": right}
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # no weight decay on vectors (norms, decay/bonus parameters): decaying them toward 0 changes their meaning
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+class WordDistillTask(RunningProductTask):
+    """The loop's task for distillation: T²·KL(teacher ‖ student) on the logits (the project's one KL,
+    `arwkv.ops.divergence.kl_per_token`) at every position, no labels; targets only score accuracy."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float = 1.0) -> None:
+        super().__init__(student)
+        object.__setattr__(
+            self, "teacher", teacher
+        )  # frozen, not a submodule (not trained, not checkpointed)
+        teacher.eval().requires_grad_(False)
+        self.temperature = temperature
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        with torch.no_grad():
+            teacher_logits = _logits(self.teacher, batch["input_ids"])
+        logits = _logits(self.student, batch["input_ids"])
+        kl = kl_per_token(logits, teacher_logits, self.temperature).sum()
+        right = (logits.argmax(-1) == batch["targets"]).sum().float()
+        return kl, batch["targets"].numel(), {"token_acc": right}
 
 
-def _run_loop(
-    model: nn.Module,
+def _fit(
+    task: RunningProductTask,
     group: PermutationGroup,
     cfg: TrainConfig,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    state: dict | None,
+    run_dir: str | Path,
     on_log: Callable[[dict], None] | None,
-    checkpoint: Callable[[dict], None] | None,
-    checkpoint_every: int,
+    desc: str,
 ) -> list[dict]:
-    """The one loop behind ``train`` and ``distill``; ``loss_fn(input_ids, targets) -> (loss, logits)``."""
-    opt = _optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start, history = 0, []
-    if state is not None:  # resume: model, optimizer, data stream and log continue where they stopped
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        start, history = state["step"], state["history"]
-    model.train()
-    t0, run_loss, run_acc, n = time.perf_counter(), 0.0, 0.0, 0
-    for step in range(start, cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        input_ids, targets = make_batch(group, cfg.batch_size, cfg.length, gen)
-        loss, logits = loss_fn(input_ids, targets)
-        if not torch.isfinite(loss):
-            from arwkv.errors import TrainingDivergedError
-
-            raise TrainingDivergedError(f"loss is {loss.item()} at step {step}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        run_loss += loss.item()
-        run_acc += (logits.argmax(-1) == targets).float().mean().item()
-        n += 1
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rec = {
-                "step": step + 1,
-                "loss": run_loss / n,
-                "token_acc": run_acc / n,
-                "lr": _lr_at(step, cfg),
-                "sec": time.perf_counter() - t0,
-            }
-            history.append(rec)
-            if on_log:
-                on_log(rec)
-            run_loss, run_acc, n = 0.0, 0.0, 0
-        if checkpoint and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
-            checkpoint(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(),
-                    "step": step + 1,
-                    "history": history,
-                }
-            )
+    model = task.student
+    # no weight decay on vectors (norms, decay/bonus parameters): decaying them toward 0 changes their meaning
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.dim() >= 2], "lr": cfg.lr, "name": "matrices"},
+        {
+            "params": [p for p in trainable if p.dim() < 2],
+            "lr": cfg.lr,
+            "name": "vectors",
+            "weight_decay": 0.0,
+        },
+    ]
+    logged = (
+        (lambda step, rec: on_log(rec) if step % cfg.log_every == 0 or step == cfg.steps else None)
+        if on_log
+        else None
+    )
+    train_loop(
+        task,
+        WordBatches(group, cfg.batch_size, cfg.length, cfg.seed),
+        _LoopSettings.of(cfg),
+        run_dir,
+        param_groups=groups,
+        desc=desc,
+        on_step=logged,
+    )
     model.eval()
-    return history
+    return _history(Path(run_dir))
+
+
+def _history(run_dir: Path) -> list[dict]:
+    """The run's logged training records (all sittings), from its metrics.jsonl."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
 
 
 def train(
     model: nn.Module,
     group: PermutationGroup,
     cfg: TrainConfig,
+    run_dir: str | Path,
     *,
-    state: dict | None = None,
     on_log: Callable[[dict], None] | None = None,
-    checkpoint: Callable[[dict], None] | None = None,
-    checkpoint_every: int = 500,
 ) -> list[dict]:
-    """Train from scratch on the word problem: mean token cross-entropy at every position."""
-
-    def loss_fn(input_ids, targets):
-        logits = _logits(model, input_ids)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)), logits
-
-    return _run_loop(model, group, cfg, loss_fn, state, on_log, checkpoint, checkpoint_every)
+    """Train from scratch on the word problem (mean token cross-entropy at every position) in `run_dir`,
+    resuming its checkpoints. Returns the logged records ({"step", "loss", "token_acc", "lr/…", …}) of every
+    sitting, every `log_every` steps."""
+    return _fit(RunningProductTask(model), group, cfg, run_dir, on_log, "train")
 
 
 def distill(
@@ -359,31 +433,17 @@ def distill(
     teacher: nn.Module,
     group: PermutationGroup,
     cfg: TrainConfig,
+    run_dir: str | Path,
     *,
     temperature: float = 1.0,
-    state: dict | None = None,
     on_log: Callable[[dict], None] | None = None,
-    checkpoint: Callable[[dict], None] | None = None,
-    checkpoint_every: int = 500,
 ) -> list[dict]:
     """Distil ``teacher`` into ``student`` on task inputs: KL(teacher ‖ student) on the logits, no labels.
 
     Targets are only used to report accuracy, so the student can learn no more than the teacher shows it at
-    the training length; what it does beyond that length is the question.
+    the training length; what it does beyond that length is the question. Resumes `run_dir` like `train`.
     """
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-
-    def loss_fn(input_ids, targets):
-        with torch.no_grad():
-            t_logp = F.log_softmax(_logits(teacher, input_ids) / temperature, dim=-1)
-        logits = _logits(student, input_ids)
-        s_logp = F.log_softmax(logits / temperature, dim=-1)
-        kl = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
-        return kl * temperature**2, logits
-
-    return _run_loop(student, group, cfg, loss_fn, state, on_log, checkpoint, checkpoint_every)
+    return _fit(WordDistillTask(student, teacher, temperature), group, cfg, run_dir, on_log, "distill")
 
 
 @torch.no_grad()

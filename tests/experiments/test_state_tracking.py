@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
+import os
+import signal
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from arwkv.experiments import state_tracking as st
+from arwkv.train.loop import TrainingInterrupted
 
 
 @pytest.mark.parametrize("name,order", [("S5", 120), ("A5", 60), ("S3", 6), ("Z4", 4), ("A4", 12)])
@@ -61,12 +64,13 @@ def test_targets_are_running_products():
             assert g.elements[int(targets[b, t])] == acc
 
 
-def test_training_reduces_loss_and_evaluate_reports_every_length():
+def test_training_reduces_loss_and_evaluate_reports_every_length(tmp_path):
     g = st.get_group("Z3")
     model = st.make_transformer(st.transformer_config(g, hidden_size=32, num_layers=1, head_dim=16))
     cfg = st.TrainConfig(steps=60, batch_size=32, length=8, lr=1e-2, warmup=5, log_every=20)
-    hist = st.train(model, g, cfg)
-    assert hist[-1]["loss"] < 0.8 * hist[0]["loss"]
+    hist = st.train(model, g, cfg, tmp_path)
+    assert [h["step"] for h in hist] == [20, 40, 60]
+    assert hist[-1]["loss"] < 0.8 * hist[0]["loss"] and 0 <= hist[-1]["token_acc"] <= 1
     res = st.evaluate(model, g, [4, 16], num_sequences=32, batch_size=16)
     assert set(res) == {4, 16} and all(0.0 <= v <= 1.0 for r in res.values() for v in r.values())
     cmp = st.compare_to_teacher(model, model, g, [4, 16], num_sequences=16)
@@ -74,25 +78,79 @@ def test_training_reduces_loss_and_evaluate_reports_every_length():
     assert all(c["agree_when_teacher_wrong"] == 1.0 for c in cmp.values() if c["teacher_wrong"] > 0)
 
 
-def test_resume_continues_the_same_run():
+def _stop_at(step: int):
+    def on_log(record: dict) -> None:
+        if record["step"] == step:  # Ctrl-C: the loop saves this step and stops
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return on_log
+
+
+def test_resume_continues_the_same_run(tmp_path):
     g = st.get_group("Z3")
-    cfg = st.TrainConfig(steps=8, batch_size=8, length=4, warmup=2, log_every=4)
+    cfg = st.TrainConfig(steps=8, batch_size=8, length=4, warmup=2, log_every=2, checkpoint_every=4)
 
     def fresh():
         torch.manual_seed(0)
         return st.make_transformer(st.transformer_config(g, hidden_size=32, num_layers=1, head_dim=16))
 
-    full, saved = fresh(), []
-    st.train(full, g, cfg, checkpoint=lambda s: saved.append(copy.deepcopy(s)), checkpoint_every=4)
-    assert [s["step"] for s in saved] == [4, 8]
-    resumed = fresh()
-    hist = st.train(resumed, g, cfg, state=saved[0])
-    assert [h["step"] for h in hist] == [4, 8]
+    full = fresh()
+    st.train(full, g, cfg, tmp_path / "full")
+    with pytest.raises(TrainingInterrupted):
+        st.train(fresh(), g, cfg, tmp_path / "resumed", on_log=_stop_at(4))
+    resumed = fresh()  # a new process: the state comes from the run folder (safetensors + JSON, no pickle)
+    hist = st.train(resumed, g, cfg, tmp_path / "resumed")
+    assert [h["step"] for h in hist] == [2, 4, 6, 8]  # every sitting's records, each step once
     for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_rwkv7_is_matched_in_size_and_learns():
+def test_distillation_resumed_equals_uninterrupted(tmp_path):
+    from arwkv.convert.build import build_student
+
+    g = st.get_group("Z3")
+    torch.manual_seed(0)
+    teacher = st.make_transformer(st.transformer_config(g, hidden_size=32, num_layers=1, head_dim=16))
+    cfg = st.TrainConfig(steps=6, batch_size=8, length=6, warmup=2, log_every=1, checkpoint_every=2)
+
+    def student():
+        torch.manual_seed(1)
+        return build_student(
+            teacher, init="copy", wkv_backend="chunked", lora_ranks={"w": 8, "a": 8, "v": 8, "g": 8}
+        )
+
+    full = student()
+    st.distill(full, teacher, g, cfg, tmp_path / "full", temperature=2.0)
+    with pytest.raises(TrainingInterrupted):
+        st.distill(student(), teacher, g, cfg, tmp_path / "resumed", temperature=2.0, on_log=_stop_at(3))
+    resumed = student()
+    st.distill(resumed, teacher, g, cfg, tmp_path / "resumed", temperature=2.0)
+    for (name, p), q in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_the_distillation_loss_is_the_kl_to_the_teacher():
+    from arwkv.convert.build import build_student
+
+    g = st.get_group("Z3")
+    teacher = st.make_transformer(st.transformer_config(g, hidden_size=32, num_layers=1, head_dim=16))
+    student = build_student(teacher, init="fresh", wkv_backend="chunked")
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30.0)  # a confident teacher: a KL far from fp32 rounding
+    batch = next(st.WordBatches(g, 4, 5, seed=3))
+    kl, n, extras = st.WordDistillTask(student, teacher, temperature=2.0)(batch)
+    with torch.no_grad():
+        zt = teacher(input_ids=batch["input_ids"]).logits[:, 1:, :-1].double() / 2.0
+        zs = student(input_ids=batch["input_ids"]).logits[:, 1:, :-1].double() / 2.0
+    pt, log_pt, log_ps = zt.softmax(-1), F.log_softmax(zt, -1), F.log_softmax(zs, -1)
+    hand = 4.0 * (pt * (log_pt - log_ps)).sum()  # T² · Σ KL(p_T ‖ p_S) over every position
+    assert n == 4 * 5 and kl.item() == pytest.approx(hand.item(), rel=1e-5)
+    right = (zs.argmax(-1) == batch["targets"]).sum().item()
+    assert extras["token_acc"].item() == right
+    assert not [k for k in st.WordDistillTask(student, teacher).state_dict() if k.startswith("teacher")]
+
+
+def test_rwkv7_is_matched_in_size_and_learns(tmp_path):
     g = st.get_group("Z3")
     kw = dict(hidden_size=32, num_layers=1, head_dim=16)
     transformer = st.make_transformer(st.transformer_config(g, **kw))
@@ -103,21 +161,22 @@ def test_rwkv7_is_matched_in_size_and_learns():
     # within one MLP unit of the Transformer's size
     assert abs(st.num_params(model) - st.num_params(transformer)) <= 3 * kw["hidden_size"] * kw["num_layers"]
     hist = st.train(
-        model, g, st.TrainConfig(steps=80, batch_size=16, length=8, lr=1e-2, warmup=5, log_every=20)
+        model, g, st.TrainConfig(steps=80, batch_size=16, length=8, lr=1e-2, warmup=5, log_every=20), tmp_path
     )
     assert hist[-1]["loss"] < 0.85 * hist[0]["loss"]
 
 
-def test_distillation_moves_the_student_toward_the_teacher():
+def test_distillation_moves_the_student_toward_the_teacher(tmp_path):
     from arwkv.convert.build import build_student
 
     g = st.get_group("Z3")
     teacher = st.make_transformer(st.transformer_config(g, hidden_size=32, num_layers=1, head_dim=16))
-    st.train(teacher, g, st.TrainConfig(steps=30, batch_size=16, length=8, lr=1e-2, warmup=5, log_every=30))
+    cfg = st.TrainConfig(steps=30, batch_size=16, length=8, lr=1e-2, warmup=5, log_every=30)
+    st.train(teacher, g, cfg, tmp_path / "teacher")
     student = build_student(
         teacher, init="copy", wkv_backend="chunked", lora_ranks={"w": 8, "a": 8, "v": 8, "g": 8}
     )
     cfg = st.TrainConfig(steps=30, batch_size=16, length=8, lr=3e-3, warmup=5, log_every=10)
-    hist = st.distill(student, teacher, g, cfg)
+    hist = st.distill(student, teacher, g, cfg, tmp_path / "student")
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert all(not p.requires_grad for p in teacher.parameters())
