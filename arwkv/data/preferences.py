@@ -364,7 +364,7 @@ def _make_split(teacher, student, tokenizer, n: int, seed: int, s: dict[str, Any
     for start in range(0, n, s["batch_size"]):
         b = min(s["batch_size"], n - start)
         if s["mode"] == "bos":  # BOS + a teacher-written prefix of varied length: varied prompts, no text
-            prefix, _ = sample_sequences(
+            prefix, _, _ = sample_sequences(
                 teacher, [[s["bos_id"]]] * b, 1 + s["prompt_max"], temperature=1.0, generator=gen
             )
             lengths = rng.integers(s["prompt_min"], s["prompt_max"] + 1, size=b)
@@ -372,7 +372,7 @@ def _make_split(teacher, student, tokenizer, n: int, seed: int, s: dict[str, Any
         else:
             prompts = chat_prompts(tokenizer, b, rng, s["prompts"], {})
         p = max(len(x) for x in prompts)
-        full, lens = sample_sequences(
+        full, lens, _ = sample_sequences(
             teacher,
             prompts,
             p + s["reply_len"],

@@ -12,13 +12,14 @@ row of a packed corpus the cache holds, at every position, the top-k token ids (
     <cache_dir>/topk-<key>/done-<rank>.npy  [N] uint64: crc32 of each row this process wrote, | 1 << 32
 
 Rows are filled lazily: the first time a row is trained on, the teacher runs on it and its entry is
-written; later epochs, resumed runs and other runs with the same key read it. A row counts as present only
-once its bytes are flushed and its checksum is recorded (the record is replaced atomically), so a run killed
-mid-write recomputes that row; a row whose bytes no longer match its checksum (a corrupt file) is recomputed
-too. Space for the whole cache is reserved when it is created, so a full disk is a clear error at the start,
-never a crash in the middle of training. `meta.json` is checked against the run's own key on every open: a
-cache written for another teacher, tokenizer, data, k, temperature or dtype is refused, the difference
-named.
+written; later epochs, resumed runs and other runs with the same key read it (rows the teacher itself wrote
+in BOS mode come pre-filled from the top-k it gave while sampling them, `fill_from_samples`). A row counts
+as present only once its bytes are flushed and its checksum is recorded (the record is replaced
+atomically), so a run killed mid-write recomputes that row; a row whose bytes no longer match its checksum
+(a corrupt file) is recomputed too. Space for the whole cache is reserved when it is created, so a full
+disk is a clear error at the start, never a crash in the middle of training. `meta.json` is checked against
+the run's own key on every open: a cache written for another teacher, tokenizer, data, k, temperature or
+dtype is refused, the difference named.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import Tensor
 
 from arwkv.atomic import write_file, write_folder
 from arwkv.errors import DataError
+from arwkv.ops.divergence import TeacherTopK
 
 FORMAT_VERSION = 1
 _PRESENT = np.uint64(1 << 32)
@@ -260,3 +262,36 @@ def _save_npy_atomically(path: Path, arr: np.ndarray) -> None:
             np.save(f, arr, allow_pickle=False)
 
     write_file(path, write, fsync=True)
+
+
+def fill_from_samples(
+    cache: TeacherCache, rows, sequences: Tensor, topk: TeacherTopK, chunk: int = 64
+) -> int:
+    """Write the entries of the rows of `rows` (a PackedCorpus or MixedCorpus) that hold exactly one of
+    `sequences` [N, T] (one document filling the row): their teacher top-k was recorded while the teacher
+    sampled them (`topk`, [N, T, k]), so the teacher need not run on them again. Rows already present and
+    rows of other text are left alone. Returns how many rows were written."""
+    t, k = cache.meta["seq_len"], cache.meta["k"]
+    if sequences.shape[1] != t or topk.ids.shape[-1] != k:
+        return 0
+    index = {sequences[i].numpy().tobytes(): i for i in range(len(sequences))}
+    ramp = torch.arange(t)
+    written = 0
+    for start in range(0, len(rows), chunk):
+        idx = np.arange(start, min(start + chunk, len(rows)))
+        absolute = rows.absolute_rows(idx)
+        batch = rows.batch(idx)
+        tokens, pos = batch["input_ids"], batch.get("position_ids")
+        mask = batch.get("attention_mask")
+        found: dict[int, int] = {}
+        for j in range(len(idx)):
+            whole = (pos is None or bool((pos[j] == ramp).all())) and (mask is None or bool(mask[j].all()))
+            i = index.get(tokens[j].numpy().tobytes()) if whole else None
+            if i is not None:
+                found[int(absolute[j])] = i
+        todo = [r for r in cache.missing(np.asarray(sorted(found), dtype=np.int64)) if int(r) in found]
+        if todo:
+            sel = torch.tensor([found[int(r)] for r in todo])
+            cache.store(np.asarray(todo), topk.ids[sel], topk.logp[sel], topk.tail_logp[sel])
+            written += len(todo)
+    return written

@@ -28,7 +28,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from transformers import DynamicCache
 from arwkv.atomic import write_file
 from arwkv.data.packing import PackedCorpus
 from arwkv.errors import DataError
+from arwkv.ops.divergence import TeacherTopK, teacher_topk
 
 FORMAT_VERSION = 1
 Mode = Literal["bos", "chat"]
@@ -121,6 +122,9 @@ class TeacherCorpus:
     meta: dict[str, Any] = field(default_factory=dict)
     from_cache: bool = False
     path: Path | None = None
+    # the teacher's top-k at every position of every training sequence, recorded while sampling
+    # (`record_topk`): stage 2's teacher cache is filled from it instead of running the teacher again
+    train_topk: TeacherTopK | None = None
 
     def packed(
         self,
@@ -177,10 +181,16 @@ def sample_sequences(
     eos_ids: tuple[int, ...] = (),
     pad_id: int = 0,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+    record_topk: int = 0,
+    record_temperature: float = 1.0,
+) -> Samples:
     """Continue each prompt to `max_len` tokens in all (or until an EOS in `eos_ids`).
 
-    Returns (ids [B, max_len] right-padded with `pad_id`, lengths [B]). Prompts are left-padded internally.
+    Returns Samples(ids [B, max_len] right-padded with `pad_id`, lengths [B], topk). Prompts are left-padded
+    internally. With `record_topk` k > 0 (one-token prompts, e.g. BOS) `topk` holds the teacher's top-k
+    log-probs at `record_temperature` at every position [B, max_len, k], taken from the logits sampling
+    computes anyway (one extra decode step gives the last position's): the same numbers a forward over the
+    finished sequence gives, up to rounding.
     """
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -193,6 +203,9 @@ def sample_sequences(
         attn[i, P - len(p) :] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     padded = any(len(p) != P for p in prompts)  # without padding no mask is needed (cheaper steps)
+    if record_topk and (P != 1 or padded):
+        raise DataError("recording the teacher's top-k while sampling needs one-token prompts (BOS mode)")
+    recorded: list[TeacherTopK] = []
     cache = DynamicCache(config=model.config)
     logits = model(
         input_ids=x,
@@ -206,11 +219,13 @@ def sample_sequences(
     out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids or [-1], device=device)
     for step in range(int(budget.max())):
+        if record_topk:
+            recorded.append(teacher_topk(logits.float(), record_topk, record_temperature))
         tok = _draw(logits.float(), temperature, top_k, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out.append(tok)
         done |= torch.isin(tok, eos) | (budget <= step + 1)
-        if bool(done.all()):
+        if bool(done.all()) and not record_topk:
             break
         if padded:  # finished rows run on; their tail is dropped below
             attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
@@ -222,6 +237,9 @@ def sample_sequences(
             cache=cache,
             use_cache=True,
         ).logits[:, -1]
+        if bool(done.all()):  # recording: the step above gave the last position's logits
+            recorded.append(teacher_topk(logits.float(), record_topk, record_temperature))
+            break
     gen = torch.stack(out, dim=1)
     ids = torch.full((B, max_len), pad_id, dtype=torch.long)
     lengths = torch.zeros(B, dtype=torch.long)
@@ -231,7 +249,20 @@ def sample_sequences(
         n = int(hit[0]) + 1 if len(hit) else len(reply)  # keep the EOS: the teacher chose to stop
         seq = torch.cat([torch.tensor(p, dtype=torch.long), reply[:n]])
         ids[i, : len(seq)], lengths[i] = seq, len(seq)
-    return ids, lengths
+    topk = None
+    if record_topk:
+        topk = TeacherTopK(
+            torch.stack([r.ids for r in recorded], 1)[:, :max_len].to(torch.int32).cpu(),
+            torch.stack([r.logp for r in recorded], 1)[:, :max_len].cpu(),
+            torch.stack([r.tail_logp for r in recorded], 1)[:, :max_len].cpu(),
+        )
+    return Samples(ids, lengths, topk)
+
+
+class Samples(NamedTuple):
+    ids: Tensor
+    lengths: Tensor
+    topk: TeacherTopK | None = None
 
 
 def _draw(logits: Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> Tensor:
@@ -258,9 +289,17 @@ def chat_prompts(
 
 
 def _sample_split(
-    model, n: int, seq_len: int, mode: Mode, seed: int, settings: dict[str, Any], tokenizer, bar: tqdm
-) -> tuple[Tensor, Tensor, Tensor]:
-    ids_all, len_all, prompt_all = [], [], []
+    model,
+    n: int,
+    seq_len: int,
+    mode: Mode,
+    seed: int,
+    settings: dict[str, Any],
+    tokenizer,
+    bar: tqdm,
+    record: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, TeacherTopK | None]:
+    ids_all, len_all, prompt_all, topk_all = [], [], [], []
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     rng = np.random.Generator(np.random.PCG64(seed))
@@ -271,7 +310,7 @@ def _sample_split(
             prompts = [[bos]] * b
         else:
             prompts = chat_prompts(tokenizer, b, rng, settings["prompts"], settings["template_kwargs"])
-        ids, lengths = sample_sequences(
+        ids, lengths, topk = sample_sequences(
             model,
             prompts,
             seq_len,
@@ -280,8 +319,11 @@ def _sample_split(
             eos_ids=tuple(settings["eos_ids"]),
             pad_id=settings["pad_id"],
             generator=gen,
+            record_topk=settings.get("record_topk", 0) if record else 0,
+            record_temperature=settings.get("record_temperature", 1.0),
         )
         ids_all.append(ids)
+        topk_all.append(topk)
         len_all.append(lengths)
         prompt_all.append(torch.tensor([len(p) for p in prompts]) if mode == "chat" else torch.zeros(b))
         bar.update(int(lengths.sum()))
@@ -290,8 +332,13 @@ def _sample_split(
             torch.zeros((0, seq_len), dtype=torch.long),
             torch.zeros(0, dtype=torch.long),
             torch.zeros(0, dtype=torch.long),
+            None,
         )
-    return torch.cat(ids_all), torch.cat(len_all), torch.cat(prompt_all).long()
+    topk = None
+    if record:
+        fields = ("ids", "logp", "tail_logp")
+        topk = TeacherTopK(*(torch.cat([getattr(t, f) for t in topk_all]) for f in fields))
+    return torch.cat(ids_all), torch.cat(len_all), torch.cat(prompt_all).long(), topk
 
 
 def teacher_corpus(
@@ -311,13 +358,20 @@ def teacher_corpus(
     prompts: list[str] | None = None,
     template_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    record_topk: int = 0,
+    record_temperature: float = 1.0,
 ) -> TeacherCorpus:
     """Sample (or load from the cache) `num_train` + `num_heldout` sequences of at most `seq_len` tokens.
 
     >>> corpus = teacher_corpus(teacher, num_train=4000, num_heldout=256, cache_dir="runs/.cache")
     >>> train_rows = corpus.packed("train")                # PackedCorpus, one sequence per row
     >>> heldout = corpus.packed("heldout").tensors()      # dict of [256, 256] tensors
+
+    `record_topk` k > 0 ("bos" mode) also keeps the teacher's top-k at `record_temperature` for every
+    training position (`corpus.train_topk`, 6k + 4 bytes per token, in the same cache file).
     """
+    if record_topk and mode != "bos":
+        raise DataError("the teacher's top-k can be recorded while sampling in 'bos' mode only")
     settings = _settings(
         teacher,
         tokenizer,
@@ -333,6 +387,8 @@ def teacher_corpus(
         prompts,
         template_kwargs,
     )
+    if record_topk:  # only then: the key of a corpus without a record is unchanged
+        settings.update(record_topk=int(record_topk), record_temperature=float(record_temperature))
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir) / f"teacher-corpus-{key[:20]}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
@@ -346,10 +402,22 @@ def teacher_corpus(
         unit_scale=True,
         disable=not progress,
     ) as bar:
-        train = _sample_split(teacher, num_train, seq_len, mode, seed * 2 + 0, settings, tokenizer, bar)
+        train = _sample_split(
+            teacher,
+            num_train,
+            seq_len,
+            mode,
+            seed * 2 + 0,
+            settings,
+            tokenizer,
+            bar,
+            record=bool(record_topk),
+        )
         held = _sample_split(teacher, num_heldout, seq_len, mode, seed * 2 + 1, settings, tokenizer, bar)
     teacher.train(was_training)
-    corpus = TeacherCorpus(train[0], held[0], train[1], held[1], train[2], held[2], meta=settings, path=path)
+    corpus = TeacherCorpus(
+        train[0], held[0], train[1], held[1], train[2], held[2], meta=settings, path=path, train_topk=train[3]
+    )
     if path is not None:
         _save_atomically(path, corpus)
     return corpus
@@ -438,6 +506,11 @@ _FIELDS = (
 
 def _save_atomically(path: Path, corpus: TeacherCorpus) -> None:
     tensors = {f: getattr(corpus, f).to(torch.int32).contiguous() for f in _FIELDS}
+    if corpus.train_topk is not None:
+        t = corpus.train_topk
+        tensors["train_topk_ids"] = t.ids.to(torch.int32).contiguous()
+        tensors["train_topk_logp"] = t.logp.to(torch.float16).contiguous()
+        tensors["train_topk_tail"] = t.tail_logp.float().contiguous()
     try:
         write_file(
             path, lambda tmp: save_file(tensors, str(tmp), metadata={"settings": json.dumps(corpus.meta)})
@@ -457,5 +530,11 @@ def _load(path: Path, settings: dict[str, Any]) -> TeacherCorpus:
         t = load_file(path)
     except Exception as e:  # safetensors raises its own error type for a corrupt file
         raise DataError(f"the teacher corpus cache {path} is unreadable ({e}); delete it to resample") from e
-    tensors = {f: t[f].long() for f in _FIELDS}
-    return TeacherCorpus(**tensors, meta=settings, from_cache=True, path=path)
+    try:
+        tensors = {f: t[f].long() for f in _FIELDS}
+        topk = None
+        if settings.get("record_topk"):
+            topk = TeacherTopK(t["train_topk_ids"], t["train_topk_logp"], t["train_topk_tail"])
+    except KeyError as e:
+        raise DataError(f"the teacher corpus cache {path} lacks {e}; delete it to resample") from e
+    return TeacherCorpus(**tensors, meta=settings, from_cache=True, path=path, train_topk=topk)

@@ -152,7 +152,11 @@ def _stage_rate(name: str, student, teacher, distill_teacher, data: RunData, cfg
         task = AlignTask(student, teacher, loss=scfg.loss)
     elif name == "distill":
         param_groups(student, scfg.lr, freeze=scfg.freeze)
-        cache = open_teacher_cache(cfg, distill_teacher, data.tokenizer, rows, env.rank) if cached else None
+        cache = (
+            open_teacher_cache(cfg, distill_teacher, data.tokenizer, rows, env.rank, corpus=data.corpus)
+            if cached
+            else None
+        )
         task = DistillTask(student, distill_teacher, scfg.kl_temperature, scfg.ce_weight, cache=cache)
     else:
         param_groups(student, scfg.lr, freeze=scfg.freeze)

@@ -100,7 +100,17 @@ def _concat_corpora(parts: list):
         train_lengths=torch.cat([p.train_lengths for p in parts]),
         train_prompt_lengths=torch.cat([p.train_prompt_lengths for p in parts]),
         meta={**first.meta, "shards": len(parts)},
+        train_topk=_concat_topk([p.train_topk for p in parts]),
     )
+
+
+def _concat_topk(parts: list):
+    """The shards' recorded top-k, concatenated like their rows (None unless every shard recorded one)."""
+    from arwkv.ops.divergence import TeacherTopK
+
+    if any(p is None for p in parts) or len({p.ids.shape[1:] for p in parts}) != 1:
+        return None
+    return TeacherTopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logp", "tail_logp")))
 
 
 def _heldout_from_corpus(corpus, n: int) -> dict[str, torch.Tensor]:
@@ -136,6 +146,11 @@ def prepare_data(cfg: RecipeConfig, teacher: nn.Module, tokenizer, env: DistEnv)
 
     d, h = cfg.data, cfg.data.heldout
     t0 = time.perf_counter()
+    # BOS-mode rows of the stage-2 length are one sequence each: keep the top-k the teacher gives while
+    # writing them, so stage 2's cache starts filled and the teacher never runs on them again
+    dist = cfg.distill
+    records = dist.enabled and dist.teacher_topk > 0 and d.data_free.prompts == "bos"
+    record_topk = dist.teacher_topk if records and d.data_free.seq_len == dist.seq_len else 0
 
     def sample(num_train: int, num_heldout: int, seq_len: int, shards: int = 1):
         def shard(k: int, progress: bool):
@@ -153,6 +168,8 @@ def prepare_data(cfg: RecipeConfig, teacher: nn.Module, tokenizer, env: DistEnv)
                 seed=cfg.seed + 1000 * k,
                 cache_dir=cache_dir_for(cfg, "teacher_corpus"),
                 progress=progress,
+                record_topk=record_topk if num_train else 0,
+                record_temperature=cfg.distill.kl_temperature,
             )
 
         mine = list(range(env.rank, shards, env.world_size))
@@ -196,11 +213,14 @@ def prepare_data(cfg: RecipeConfig, teacher: nn.Module, tokenizer, env: DistEnv)
     return RunData(cfg, teacher, tokenizer, corpus, heldout, sampling_s=time.perf_counter() - t0)
 
 
-def open_teacher_cache(cfg: RecipeConfig, teacher: nn.Module, tokenizer, rows, rank: int = 0) -> TeacherCache:
+def open_teacher_cache(
+    cfg: RecipeConfig, teacher: nn.Module, tokenizer, rows, rank: int = 0, corpus=None
+) -> TeacherCache:
     """The stage-2 teacher cache for these rows, keyed by teacher weights, tokenizer, data, k, T and the
-    compute dtype (bf16 autocast gives slightly different log-probs than fp32)."""
+    compute dtype (bf16 autocast gives slightly different log-probs than fp32). Rows of `corpus` (a
+    TeacherCorpus) whose top-k was recorded while this teacher sampled them are filled from that record."""
     from arwkv.data.packing import tokenizer_fingerprint
-    from arwkv.data.teacher_cache import TeacherCache
+    from arwkv.data.teacher_cache import TeacherCache, fill_from_samples
     from arwkv.data.teacher_corpus import teacher_fingerprint
 
     key = {
@@ -210,13 +230,27 @@ def open_teacher_cache(cfg: RecipeConfig, teacher: nn.Module, tokenizer, rows, r
         "temperature": float(cfg.distill.kl_temperature),
         "compute": "bf16" if cfg.bf16 else str(next(teacher.parameters()).dtype),
     }
-    return TeacherCache.open(
+    cache = TeacherCache.open(
         cache_dir_for(cfg, "teacher_topk"),
         key,
         num_rows=rows.num_base_rows,
         seq_len=rows.seq_len,
         k=cfg.distill.teacher_topk,
         rank=rank,
+    )
+    topk = getattr(corpus, "train_topk", None)
+    if rank == 0 and topk is not None and _recorded_for(corpus.meta, key, cfg):
+        fill_from_samples(cache, rows, corpus.train, topk)
+    return cache
+
+
+def _recorded_for(meta: dict[str, Any], key: dict[str, Any], cfg: RecipeConfig) -> bool:
+    """Was the corpus's top-k record made by this teacher, at this k, temperature and compute dtype?"""
+    return (
+        meta.get("teacher") == key["teacher"]
+        and meta.get("record_topk") == cfg.distill.teacher_topk
+        and meta.get("record_temperature") == key["temperature"]
+        and (meta.get("autocast") == "bfloat16") == (key["compute"] == "bf16")
     )
 
 

@@ -63,6 +63,8 @@ def run_stage(
         )
     if name == "distill":
         if cached:
-            kw["teacher_cache"] = open_teacher_cache(cfg, distill_teacher, data.tokenizer, rows, env.rank)
+            kw["teacher_cache"] = open_teacher_cache(
+                cfg, distill_teacher, data.tokenizer, rows, env.rank, corpus=data.corpus
+            )
         return run_distill(student, distill_teacher, loader, scfg, stage_dir, **kw)
     return run_sft(student, loader, scfg, stage_dir, **kw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -77,28 +78,28 @@ def test_settings_and_weights_key_the_cache(stories, tmp_path):
 
 
 def test_greedy_and_left_padding(stories):
-    ids, lengths = sample_sequences(stories, [[1]], 8, temperature=0)
+    ids, lengths, _ = sample_sequences(stories, [[1]], 8, temperature=0)
     assert ids[0, 1:].tolist() == [461, 461, 401, 401, 401, 461, 378] and lengths.tolist() == [8]
     prompts = [[1], [1, 300, 301], [1, 50]]
-    batched, _ = sample_sequences(stories, prompts, 12, temperature=0)
+    batched, _, _ = sample_sequences(stories, prompts, 12, temperature=0)
     for i, p in enumerate(prompts):
-        alone, _ = sample_sequences(stories, [p], 12, temperature=0)
+        alone, _, _ = sample_sequences(stories, [p], 12, temperature=0)
         assert torch.equal(batched[i], alone[0])
 
 
 def test_first_token_follows_the_teacher_distribution(stories):
     n = 4000
-    ids, _ = sample_sequences(stories, [[1]] * n, 2, generator=torch.Generator().manual_seed(0))
+    ids, _, _ = sample_sequences(stories, [[1]] * n, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         p = stories(torch.tensor([[1]])).logits[0, -1].softmax(-1)
     empirical = torch.bincount(ids[:, 1], minlength=512).float() / n
     assert 0.5 * (empirical - p).abs().sum() < 0.08  # total variation; the sampler's own error is ~0.03
-    top1, _ = sample_sequences(stories, [[1]] * 50, 2, top_k=1, generator=torch.Generator().manual_seed(0))
+    top1, _, _ = sample_sequences(stories, [[1]] * 50, 2, top_k=1, generator=torch.Generator().manual_seed(0))
     assert (top1[:, 1] == p.argmax()).all()
 
 
 def test_eos_stops_a_sequence(stories):
-    ids, lengths = sample_sequences(stories, [[1, 5], [1]], 10, eos_ids=tuple(range(512)), pad_id=0)
+    ids, lengths, _ = sample_sequences(stories, [[1, 5], [1]], 10, eos_ids=tuple(range(512)), pad_id=0)
     assert lengths.tolist() == [3, 2] and (ids[0, 3:] == 0).all() and (ids[1, 2:] == 0).all()
 
 
@@ -164,3 +165,62 @@ def test_full_disk_keeps_the_samples_and_leaves_no_partial_cache(stories, tmp_pa
     with pytest.warns(UserWarning, match="No space left on device"):
         out = teacher_corpus(stories, num_train=2, seq_len=8, cache_dir=tmp_path, progress=False)
     assert out.train.shape == (2, 8) and list(tmp_path.iterdir()) == []
+
+
+def _forward_topk(model, ids: torch.Tensor, k: int, temperature: float = 1.0):
+    from arwkv.ops.divergence import teacher_topk
+
+    with torch.no_grad():
+        return teacher_topk(model(input_ids=ids).logits.float(), k, temperature)
+
+
+def test_topk_recorded_while_sampling_equals_a_forward_over_the_finished_sequences(stories):
+    g = torch.Generator().manual_seed(3)
+    ids, lengths, rec = sample_sequences(
+        stories, [[1]] * 3, 20, generator=g, record_topk=8, record_temperature=2.0
+    )
+    assert lengths.tolist() == [20] * 3 and rec.ids.shape == (3, 20, 8) and rec.tail_logp.shape == (3, 20)
+    ref = _forward_topk(stories, ids, 8, 2.0)
+    assert (rec.ids.long() == ref.ids).float().mean() > 0.99  # ties between near-equal logits may swap
+    torch.testing.assert_close(rec.logp.sort(-1).values, ref.logp.sort(-1).values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rec.tail_logp, ref.tail_logp, atol=1e-4, rtol=1e-4)
+    plain, _, none = sample_sequences(stories, [[1]] * 3, 20, generator=torch.Generator().manual_seed(3))
+    assert none is None and torch.equal(plain, ids)  # recording draws the same tokens
+    with pytest.raises(DataError, match="one-token prompts"):
+        sample_sequences(stories, [[1, 5], [1]], 8, record_topk=4)
+
+
+def test_the_record_is_cached_with_the_corpus_and_fills_a_stage2_cache(stories, tmp_path):
+    from arwkv.data.packing import MixedCorpus, PackedCorpus
+    from arwkv.data.teacher_cache import TeacherCache, fill_from_samples
+
+    kw = dict(num_train=5, num_heldout=1, seq_len=16, batch_size=4, cache_dir=tmp_path, progress=False)
+    plain = teacher_corpus(stories, **kw)
+    first = teacher_corpus(stories, **kw, record_topk=6)
+    assert plain.train_topk is None and not first.from_cache  # another key: a corpus without a record
+    assert torch.equal(plain.train, first.train)
+    again = teacher_corpus(stories, **kw, record_topk=6)
+    assert again.from_cache and torch.equal(again.train_topk.ids, first.train_topk.ids)
+    torch.testing.assert_close(again.train_topk.logp.float(), first.train_topk.logp, atol=5e-3, rtol=1e-3)
+    with pytest.raises(DataError, match="'bos' mode only"):
+        teacher_corpus(stories, **{**kw, "cache_dir": None}, mode="chat", record_topk=6)
+
+    written = again.packed("train")
+    other = PackedCorpus.from_sequences(
+        torch.randint(2, 500, (3, 16), generator=torch.Generator().manual_seed(1))
+    )
+    rows = MixedCorpus(written, other, 0.5)
+    cache = TeacherCache.open(
+        tmp_path / "topk", {"teacher": "t"}, num_rows=rows.num_base_rows, seq_len=16, k=6
+    )
+    assert fill_from_samples(cache, rows, again.train, again.train_topk) == 5
+    every = np.arange(len(rows))
+    absolute = rows.absolute_rows(every)
+    missing = set(cache.missing(absolute).tolist())
+    assert missing == set(range(5, 8))  # the three rows of other text still need the teacher
+    ids, logp, tail = cache.fetch(np.arange(5))
+    ref = _forward_topk(stories, again.train, 6)
+    assert (ids == ref.ids).float().mean() > 0.99
+    torch.testing.assert_close(logp.sort(-1).values, ref.logp.sort(-1).values, atol=5e-3, rtol=2e-3)
+    torch.testing.assert_close(tail, ref.tail_logp, atol=1e-3, rtol=1e-3)
+    assert fill_from_samples(cache, rows, again.train, again.train_topk) == 0  # present rows are kept
