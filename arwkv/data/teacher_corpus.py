@@ -251,11 +251,8 @@ def sample_sequences(
         ids[i, : len(seq)], lengths[i] = seq, len(seq)
     topk = None
     if record_topk:
-        topk = TeacherTopK(
-            torch.stack([r.ids for r in recorded], 1)[:, :max_len].to(torch.int32).cpu(),
-            torch.stack([r.logp for r in recorded], 1)[:, :max_len].cpu(),
-            torch.stack([r.tail_logp for r in recorded], 1)[:, :max_len].cpu(),
-        )
+        t = TeacherTopK.stack(recorded, dim=1)[:, :max_len]
+        topk = TeacherTopK(t.ids.to(torch.int32).cpu(), t.logp.cpu(), t.tail_logp.cpu())
     return Samples(ids, lengths, topk)
 
 
@@ -334,10 +331,7 @@ def _sample_split(
             torch.zeros(0, dtype=torch.long),
             None,
         )
-    topk = None
-    if record:
-        fields = ("ids", "logp", "tail_logp")
-        topk = TeacherTopK(*(torch.cat([getattr(t, f) for t in topk_all]) for f in fields))
+    topk = TeacherTopK.cat(topk_all) if record else None
     return torch.cat(ids_all), torch.cat(len_all), torch.cat(prompt_all).long(), topk
 
 

@@ -48,6 +48,19 @@ class TeacherTopK:
     def __getitem__(self, index) -> TeacherTopK:
         return TeacherTopK(self.ids[index], self.logp[index], self.tail_logp[index])
 
+    @staticmethod
+    def cat(parts: list[TeacherTopK], dim: int = 0) -> TeacherTopK:
+        """Join along an existing dimension (`ids`/`logp` carry one more, trailing, than `tail_logp`)."""
+        return TeacherTopK(*(torch.cat([getattr(p, f) for p in parts], dim) for f in _FIELDS))
+
+    @staticmethod
+    def stack(parts: list[TeacherTopK], dim: int = 0) -> TeacherTopK:
+        """Join along a new dimension, e.g. rows [T, k] → [B, T, k] or steps [B, k] → [B, T, k]."""
+        return TeacherTopK(*(torch.stack([getattr(p, f) for p in parts], dim) for f in _FIELDS))
+
+
+_FIELDS = ("ids", "logp", "tail_logp")
+
 
 def teacher_topk(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> TeacherTopK:
     """Top-k log-probs of `teacher_logits` [..., V] at `temperature` plus the log of the mass left over."""

@@ -75,12 +75,8 @@ class DistillTask(nn.Module):
                     teacher_topk(head_t(h_t[i])[..., :vocab], self.cache.meta["k"], self.temperature)
                     for i in range(len(sel))  # one row at a time: [T, V] logits, never [B, T, V]
                 ]
-            self.cache.store(
-                missing,
-                torch.stack([p.ids for p in parts]),
-                torch.stack([p.logp for p in parts]),
-                torch.stack([p.tail_logp for p in parts]),
-            )
+            top = TeacherTopK.stack(parts)
+            self.cache.store(missing, top.ids, top.logp, top.tail_logp)
             self.teacher_rows += len(missing)
         ids, logp, tail = self.cache.fetch(rows)
         dev = batch["input_ids"].device

@@ -110,7 +110,7 @@ def _concat_topk(parts: list):
 
     if any(p is None for p in parts) or len({p.ids.shape[1:] for p in parts}) != 1:
         return None
-    return TeacherTopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logp", "tail_logp")))
+    return TeacherTopK.cat(parts)
 
 
 def _heldout_from_corpus(corpus, n: int) -> dict[str, torch.Tensor]:
