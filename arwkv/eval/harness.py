@@ -35,6 +35,11 @@ def default_data_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "shared" / "eval"
 
 
+def _shown_path(path: Path) -> str:
+    """The path as a report shows it: relative to the working directory, so reports carry no machine paths."""
+    return os.path.relpath(path) if path.is_absolute() else str(path)
+
+
 def default_text_file() -> Path:
     return default_data_dir().parent / "assets" / "wikitext2-raw-test" / "wiki.test.raw"
 
@@ -144,7 +149,7 @@ def evaluate(
             "tasks": list(tasks),
             "limit": limit,
             "batch_size": batch_size,
-            "data_dir": str(data_dir),
+            "data_dir": _shown_path(data_dir),
             "text_file": str(text_path),
             "context_length": context_length,
             "max_tokens": max_tokens,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,8 @@ def test_run_eval_writes_report_for_teacher_and_baseline(model_dir, shared, tmp_
     for value in saved["retention"]["swa64+4(tiny-teacher)"].values():
         assert math.isnan(value) or math.isclose(value, 100.0)  # NaN where the teacher scored 0
     assert "| arc_easy | acc |" in (out / "eval.md").read_text()
+    # an absolute data folder is reported relative to the working directory: no machine paths in reports
+    assert not Path(saved["config"]["data_dir"]).is_absolute()
 
 
 def test_baseline_shares_the_teachers_weights(model_dir):
